@@ -1,0 +1,104 @@
+"""The one image decoding function used by training and serving alike (OpenCV, RGB, uint8)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+# Formats we accept, by the name Pillow gives them when it reads the header.
+ACCEPTED_FORMATS: dict[str, str] = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+}
+DEFAULT_MAX_PIXELS = 40_000_000
+_REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+cv2.setNumThreads(1)  # decoding runs in our own thread pool; OpenCV's pool would oversubscribe the cores
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; carries the HTTP status a server should answer with."""
+
+    status_code = 400
+    code = "invalid_image"
+
+
+class UnsupportedImageFormat(ImageError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class ImageTooLarge(ImageError):
+    status_code = 413
+    code = "image_too_large"
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+
+
+def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Read only the header: format and size. Refuses unknown formats and too many pixels before decoding."""
+    if not data:
+        raise ImageError("the image is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt, (width, height) = img.format or "", img.size
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"the image declares more pixels than the limit of {max_pixels}") from exc
+    except Exception as exc:  # Pillow raises many types for data that is not an image
+        raise UnsupportedImageFormat(
+            "the data is not an image in a supported format (JPEG, PNG, WebP, BMP)"
+        ) from exc
+    if fmt not in ACCEPTED_FORMATS:
+        raise UnsupportedImageFormat(f"{fmt or 'this'} images are not supported; send JPEG, PNG, WebP or BMP")
+    if width < 1 or height < 1:
+        raise ImageError(f"the image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
+    return ImageInfo(fmt, width, height)
+
+
+def decode_image(data: bytes, height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes to a `(height, width, 3)` uint8 RGB array.
+
+    EXIF orientation is applied; grey, palette, alpha (dropped) and 16-bit images become 8-bit RGB.
+    JPEGs whose short side is at least twice the target are decoded at 1/2, 1/4 or 1/8 scale by the
+    codec itself, which is several times faster. The image is then resized (area interpolation when
+    shrinking) to exactly the target size, without keeping the aspect ratio.
+    """
+    info = probe(data, max_pixels)
+    flags = cv2.IMREAD_COLOR
+    short_side, target = min(info.width, info.height), max(height, width)
+    for factor, reduced in _REDUCED_FLAGS:
+        if short_side >= factor * target:
+            flags = reduced
+            break
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, flags)
+    if img is None or img.ndim != 3 or img.shape[2] != 3:
+        raise ImageError(f"the {info.format} image could not be decoded (corrupt or truncated data)")
+    if img.shape[0] != height or img.shape[1] != width:
+        shrinking = img.shape[0] * img.shape[1] > height * width
+        img = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def load_image(path: Path, height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """`decode_image` on a file."""
+    return decode_image(Path(path).read_bytes(), height, width, max_pixels)

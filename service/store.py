@@ -1,0 +1,195 @@
+"""The model store layout shared by `train` and `service` (no TensorFlow, no FastAPI here).
+
+    <store>/<model>/<version>/{saved_model.pb, variables/, model.json, report/}
+
+A version is a folder whose name is a positive integer without a leading zero. `model.json` is
+written last and publishing renames a hidden temporary folder into place, so a reader that finds
+`model.json` in a version folder finds a complete version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
+METADATA_FILE = "model.json"
+METADATA_FORMAT = 1
+TMP_PREFIX = ".tmp-"
+LOCK_FILE = ".publish.lock"
+
+
+class StoreError(Exception):
+    """A model or version in the store is missing or malformed."""
+
+
+def is_model_name(name: str) -> bool:
+    return bool(MODEL_NAME_RE.fullmatch(name)) and name not in {".", ".."}
+
+
+def parse_version(text: str) -> int | None:
+    """The version number a folder name stands for, or None when it is not a version."""
+    return int(text) if VERSION_RE.fullmatch(text) else None
+
+
+def list_models(store: Path) -> list[str]:
+    """Model names found in the store, sorted; folders with invalid names are ignored."""
+    if not store.is_dir():
+        return []
+    return sorted(p.name for p in store.iterdir() if p.is_dir() and is_model_name(p.name))
+
+
+def list_versions(store: Path, name: str) -> list[int]:
+    """Version numbers of `name` (ascending), complete or not; anything else in the folder is ignored."""
+    model_dir = store / name
+    if not is_model_name(name) or not model_dir.is_dir():
+        return []
+    versions = []
+    for p in model_dir.iterdir():
+        v = parse_version(p.name)
+        if v is not None and p.is_dir():
+            versions.append(v)
+    return sorted(versions)
+
+
+def version_dir(store: Path, name: str, version: int) -> Path:
+    if not is_model_name(name):
+        raise StoreError(f"invalid model name {name!r}: must match {MODEL_NAME_RE.pattern}")
+    if version < 1:
+        raise StoreError(f"invalid version {version}: versions are positive integers")
+    return store / name / str(version)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    height: int
+    width: int
+    channels: int = 3
+    dtype: str = "uint8"
+    color: str = "RGB"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """The parsed and validated content of `model.json`."""
+
+    name: str
+    version: int
+    labels: list[str]
+    input: InputSpec
+    created_at: str
+    backbone: str
+    raw: dict[str, Any] = field(repr=False, compare=False, hash=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+
+def parse_metadata(raw: Any, *, name: str | None = None, version: int | None = None) -> ModelMeta:
+    """Validate a `model.json` document; raises StoreError naming the first problem."""
+    if not isinstance(raw, dict):
+        raise StoreError("model.json is not a JSON object")
+    if raw.get("format") != METADATA_FORMAT:
+        raise StoreError(f"model.json format {raw.get('format')!r} is not supported (expected {METADATA_FORMAT})")
+    for key in ("name", "version", "labels", "input", "created_at", "backbone"):
+        if key not in raw:
+            raise StoreError(f"model.json lacks {key!r}")
+    labels = raw["labels"]
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise StoreError("model.json 'labels' must be a list of at least two strings")
+    inp = raw["input"]
+    if not isinstance(inp, dict):
+        raise StoreError("model.json 'input' must be an object")
+    try:
+        spec = InputSpec(
+            height=int(inp["height"]),
+            width=int(inp["width"]),
+            channels=int(inp.get("channels", 3)),
+            dtype=str(inp.get("dtype", "uint8")),
+            color=str(inp.get("color", "RGB")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"model.json 'input' is malformed: {exc}") from exc
+    if spec.channels != 3 or spec.dtype != "uint8" or spec.color != "RGB" or min(spec.height, spec.width) < 1:
+        raise StoreError(f"model.json 'input' must be RGB uint8 with 3 channels, got {inp}")
+    if name is not None and raw["name"] != name:
+        raise StoreError(f"model.json names model {raw['name']!r}, but it lives in folder {name!r}")
+    if version is not None and raw["version"] != version:
+        raise StoreError(f"model.json names version {raw['version']!r}, but it lives in folder {version}")
+    return ModelMeta(
+        name=str(raw["name"]),
+        version=int(raw["version"]),
+        labels=list(labels),
+        input=spec,
+        created_at=str(raw["created_at"]),
+        backbone=str(raw["backbone"]),
+        raw=raw,
+    )
+
+
+def read_metadata(path: Path, *, name: str | None = None, version: int | None = None) -> ModelMeta:
+    """Read and validate `<version folder>/model.json`."""
+    file = path / METADATA_FILE
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise StoreError(f"{file} is missing (version incomplete or still being copied)") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"{file} is unreadable: {exc}") from exc
+    return parse_metadata(raw, name=name, version=version)
+
+
+@contextlib.contextmanager
+def _publish_lock(model_dir: Path) -> Iterator[None]:
+    with open(model_dir / LOCK_FILE, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def publish(
+    store: Path,
+    name: str,
+    write: Callable[[Path], None],
+    metadata: dict[str, Any],
+) -> Path:
+    """Publish a new version of `name` atomically and return its folder.
+
+    `write(tmp)` fills a hidden temporary folder beside the versions (SavedModel, report, ...).
+    Then, under a per-model lock so that concurrent publishers never pick the same number, the
+    next free version is chosen, `model.json` is written last, and the folder is renamed into place.
+    """
+    if not is_model_name(name):
+        raise StoreError(f"invalid model name {name!r}: must match {MODEL_NAME_RE.pattern}")
+    model_dir = store / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        with _publish_lock(model_dir):
+            version = max(list_versions(store, name), default=0) + 1
+            doc = {**metadata, "format": METADATA_FORMAT, "name": name, "version": version}
+            parse_metadata(doc, name=name, version=version)
+            meta_tmp = tmp / (METADATA_FILE + ".part")
+            meta_tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
+            os.replace(meta_tmp, tmp / METADATA_FILE)
+            final = model_dir / str(version)
+            os.rename(tmp, final)
+        return final
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,181 @@
+"""Finding, splitting and loading a folder-per-class image dataset."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service.imaging import ImageError, load_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
+
+
+class DatasetError(Exception):
+    """The dataset folder cannot be used; the message says why."""
+
+
+@dataclass
+class Split:
+    paths: list[Path]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: list[str]
+    train: Split
+    validation: Split
+    test: Split
+    presplit: bool
+    skipped: list[str] = field(default_factory=list)
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for name in ("train", "validation", "test"):
+            counts = Counter(getattr(self, name).labels)
+            out[name] = {c: counts.get(i, 0) for i, c in enumerate(self.classes)}
+        return out
+
+    def content_hash(self) -> str:
+        """SHA-256 over every file's relative path and bytes, in a stable order."""
+        h = hashlib.sha256()
+        for split in (self.train, self.validation, self.test):
+            for p in sorted(split.paths):
+                h.update(str(p.relative_to(self.root)).encode())
+                h.update(p.read_bytes())
+        return h.hexdigest()
+
+
+def _class_files(folder: Path) -> dict[str, list[Path]]:
+    classes = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in d.rglob("*") if f.is_file() and not f.name.startswith("."))
+        classes[d.name] = files
+    return classes
+
+
+def _find_split_dirs(root: Path) -> dict[str, Path] | None:
+    found = {}
+    for split, names in SPLIT_NAMES.items():
+        for n in names:
+            if (root / n).is_dir():
+                found[split] = root / n
+                break
+    if "train" in found and ("validation" in found or "test" in found):
+        return found
+    return None
+
+
+def stratified_split(
+    per_class: dict[str, list[Path]], fractions: tuple[float, float, float], seed: int
+) -> tuple[list[str], Split, Split, Split]:
+    """Split each class by the given train/validation/test fractions, seeded; every split gets
+    at least one file of each class that has three or more."""
+    classes = sorted(per_class)
+    rng = random.Random(seed)
+    out = [Split([], []), Split([], []), Split([], [])]
+    for idx, c in enumerate(classes):
+        files = list(per_class[c])
+        rng.shuffle(files)
+        n = len(files)
+        n_val = max(1, round(n * fractions[1])) if n >= 3 else 0
+        n_test = max(1, round(n * fractions[2])) if n >= 3 else 0
+        parts = (files[n_val + n_test :], files[:n_val], files[n_val : n_val + n_test])
+        for split, part in zip(out, parts, strict=True):
+            split.paths.extend(part)
+            split.labels.extend([idx] * len(part))
+    return classes, out[0], out[1], out[2]
+
+
+def discover(
+    root: Path, *, seed: int = 1337, fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
+) -> Dataset:
+    """Read the layout of `root`: pre-split (`train/`, `validation/` or `val/`, `test/`) or one folder per class."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    splits = _find_split_dirs(root)
+    if splits:
+        per_split = {k: _class_files(v) for k, v in splits.items()}
+        classes = sorted(per_split["train"])
+        if len(classes) < 2:
+            raise DatasetError(f"{splits['train']} must hold at least two class folders, found {classes}")
+        # A missing validation or test split is carved out of train, seeded.
+        if "validation" not in per_split or "test" not in per_split:
+            _, tr, va, te = stratified_split(per_split["train"], (0.85, 0.15, 0.0) if "test" in per_split
+                                             else (0.85, 0.0, 0.15), seed)
+            given = {"train": tr, "validation": va, "test": te}
+        else:
+            given = {"train": _to_split(per_split["train"], classes)}
+        for name in ("validation", "test"):
+            if name in per_split:
+                extra = set(per_split[name]) - set(classes)
+                if extra:
+                    raise DatasetError(f"{splits[name]} has classes not in train: {sorted(extra)}")
+                given[name] = _to_split(per_split[name], classes)
+        ds = Dataset(root, classes, given["train"], given["validation"], given["test"], presplit=True)
+    else:
+        per_class = _class_files(root)
+        if len(per_class) < 2:
+            raise DatasetError(
+                f"{root} must hold one sub-folder per class (at least two), or train/ and validation/ "
+                f"or test/ sub-folders; found {sorted(per_class)}"
+            )
+        classes, tr, va, te = stratified_split(per_class, fractions, seed)
+        ds = Dataset(root, classes, tr, va, te, presplit=False)
+    for name in ("train", "validation", "test"):
+        split = getattr(ds, name)
+        keep = [(p, y) for p, y in zip(split.paths, split.labels, strict=True) if p.suffix.lower() in IMAGE_SUFFIXES]
+        ds.skipped.extend(str(p) for p in split.paths if p.suffix.lower() not in IMAGE_SUFFIXES)
+        split.paths, split.labels = [p for p, _ in keep], [y for _, y in keep]
+    if len(ds.train) == 0:
+        raise DatasetError(f"no images found under {root}")
+    return ds
+
+
+def _to_split(per_class: dict[str, list[Path]], classes: list[str]) -> Split:
+    split = Split([], [])
+    for c, files in per_class.items():
+        split.paths.extend(files)
+        split.labels.extend([classes.index(c)] * len(files))
+    return split
+
+
+def load_split(
+    split: Split, height: int, width: int, skipped: list[str], workers: int = 4
+) -> tuple[np.ndarray, np.ndarray, list[Path]]:
+    """Decode every image of a split with the serving decoder; undecodable files are skipped and recorded."""
+
+    def one(p: Path) -> np.ndarray | None:
+        try:
+            return load_image(p, height, width)
+        except (ImageError, OSError) as exc:
+            logger.warning("skipping %s: %s", p, exc)
+            return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        arrays = list(pool.map(one, split.paths))
+    images, labels, paths = [], [], []
+    for arr, y, p in zip(arrays, split.labels, split.paths, strict=True):
+        if arr is None:
+            skipped.append(str(p))
+            continue
+        images.append(arr)
+        labels.append(y)
+        paths.append(p)
+    x = np.stack(images) if images else np.zeros((0, height, width, 3), np.uint8)
+    return x, np.asarray(labels, dtype=np.int64), paths

