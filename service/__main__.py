@@ -1,0 +1,88 @@
+"""`python -m service` / `imgserve`: run the API under uvicorn with one worker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from types import FrameType
+
+from pydantic import ValidationError
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def configure_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if as_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def main() -> int:
+    from service.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"invalid settings (IMGSERVE_* environment variables):\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    if settings.onednn:
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    import uvicorn
+
+    from service.app import create_app
+
+    app = create_app(settings)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Readiness turns 503 at once and new requests are refused; uvicorn then stops
+            # accepting connections and waits for requests in flight, and the lifespan drains.
+            if not app.state.draining:
+                logging.getLogger("service").info("signal %d: draining", sig)
+                app.state.draining = True
+                if settings.shutdown_delay_s > 0:
+                    loop = asyncio.get_event_loop()
+                    loop.call_later(settings.shutdown_delay_s, super().handle_exit, sig, frame)
+                    return
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
+        timeout_keep_alive=5,
+    )
+    server = Server(config)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

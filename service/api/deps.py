@@ -1,0 +1,68 @@
+"""Shared route dependencies and the JSON response class."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+import orjson
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+
+from service.errors import NotReady, Unauthorized
+from service.metrics import Metrics
+from service.registry import Registry
+from service.settings import Settings
+
+
+class ORJSONResponse(JSONResponse):
+    """JSON with orjson: several times faster than the standard library for large probability arrays."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+class State:
+    """What the lifespan puts on `app.state`, typed."""
+
+    settings: Settings
+    metrics: Metrics
+    registry: Registry
+    draining: bool
+
+
+def get_state(request: Request) -> State:
+    return request.app.state  # type: ignore[no-any-return]
+
+
+def get_registry(request: Request) -> Registry:
+    registry: Registry | None = getattr(request.app.state, "registry", None)
+    if registry is None:
+        raise NotReady("the service is starting")
+    return registry
+
+
+def _check_key(request: Request, expected: str, what: str) -> None:
+    auth = request.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Unauthorized(f"this endpoint needs the {what} key: send 'Authorization: Bearer <key>' or "
+                           "'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
+
+
+def require_predict_key(request: Request) -> None:
+    settings: Settings = request.app.state.settings
+    if settings.api_key is not None:
+        _check_key(request, settings.api_key.get_secret_value(), "API")
+
+
+def require_admin_key(request: Request) -> None:
+    settings: Settings = request.app.state.settings
+    if settings.admin_api_key is not None:
+        _check_key(request, settings.admin_api_key.get_secret_value(), "admin API")
+
+
+AppState = Annotated[State, Depends(get_state)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+PredictAuth = Depends(require_predict_key)
+AdminAuth = Depends(require_admin_key)

@@ -1,0 +1,174 @@
+"""The native API: /predict, /v1/models, health, the upload page and training reports."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, Response
+from starlette.datastructures import UploadFile
+
+from service import store
+from service.api.deps import AppState, ORJSONResponse, PredictAuth, RegistryDep
+from service.errors import BadRequest, NotFound, NotReady, UnsupportedMediaType
+from service.inference import deadline_for, decode_all, run_rows, top_k
+
+router = APIRouter()
+STATIC = Path(__file__).resolve().parent.parent / "static"
+REPORT_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}\.(png|json|md)$")
+STATIC_FILE_RE = re.compile(r"^[a-z0-9-]{1,64}\.(js|css|png|svg)$")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Bad input: not decodable, no image, bad parameter"},
+    404: {"description": "Unknown model or version"},
+    413: {"description": "Body, image pixels or image count over the limit"},
+    415: {"description": "Not a JPEG, PNG, WebP or BMP image"},
+    422: {"description": "Invalid query parameter"},
+    429: {"description": "Queue full; retry after the Retry-After header"},
+    503: {"description": "No model loaded yet, or shutting down"},
+    504: {"description": "The deadline passed before the images were run"},
+}
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                            "description": "one or more images (JPEG, PNG, WebP, BMP)"}},
+                }
+            },
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+PREDICT_EXAMPLE = {
+    "model": "demo-shapes",
+    "version": 1,
+    "predictions": [{"filename": "circle.jpg", "top": [{"label": "circle", "index": 0, "score": 0.97},
+                                                       {"label": "square", "index": 2, "score": 0.02}]}],
+}
+
+
+async def read_images(request: Request, max_files: int, max_fields: int) -> tuple[list[bytes], list[str]]:
+    """The images of a request: multipart parts named `file`, or the whole body when it is an image."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=max_files + 1, max_fields=max_fields)
+        try:
+            parts = form.getlist("file")
+            if not parts:
+                raise BadRequest(f"the multipart body has no part named 'file' (it has: {', '.join(form.keys())})")
+            blobs, names = [], []
+            for i, part in enumerate(parts):
+                if not isinstance(part, UploadFile):
+                    raise BadRequest(f"part {i + 1} named 'file' is a text field, not a file upload")
+                blobs.append(await part.read())
+                names.append(part.filename or f"image-{i + 1}")
+            return blobs, names
+        finally:
+            await form.close()
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return [await request.body()], ["body"]
+    raise UnsupportedMediaType(
+        f"content type {ctype or '(none)'} is not accepted: send multipart/form-data with 'file' parts, "
+        "or one image as the body with an image/* content type"
+    )
+
+
+@router.post(
+    "/predict",
+    tags=["predict"],
+    summary="Classify one or more images",
+    description="Send images as multipart parts named `file` (several allowed) or one image as the raw body "
+    "(`Content-Type: image/jpeg` ...). Answers the `top_k` classes of each image, best first, and the model "
+    "version that answered. Optional header `X-Request-Timeout-Ms` sets the deadline.",
+    openapi_extra=PREDICT_BODY,
+    responses={200: {"content": {"application/json": {"example": PREDICT_EXAMPLE}}}, **ERRORS},
+    dependencies=[PredictAuth],
+    response_class=ORJSONResponse,
+)
+async def predict(
+    request: Request,
+    state: AppState,
+    registry: RegistryDep,
+    model: Annotated[str | None, Query(description="model name (default: the only or default model)",
+                                       max_length=64)] = None,
+    version: Annotated[int | None, Query(ge=1, description="version (default: the one served)")] = None,
+    top_k_: Annotated[int, Query(alias="top_k", ge=1, le=1000, description="classes per image")] = 5,
+) -> Response:
+    settings = state.settings
+    deadline = deadline_for(request, settings)
+    served = registry.resolve(model, version)
+    with served.acquire():
+        blobs, names = await read_images(request, settings.max_images_per_request, settings.max_form_fields)
+        h, w = served.meta.input.height, served.meta.input.width
+        rows = await decode_all(blobs, h, w, settings, request.app.state.decode_pool, state.metrics)
+        outcome = await run_rows(request, served, rows, deadline, state.metrics)
+    tops = top_k(outcome.probabilities, served.meta.labels, top_k_)
+    body = {
+        "model": served.name,
+        "version": served.version,
+        "predictions": [{"filename": n, "top": t} for n, t in zip(names, tops, strict=True)],
+    }
+    return ORJSONResponse(body, headers=outcome.headers())
+
+
+@router.get("/v1/models", tags=["models"], summary="Models, versions, states and labels",
+            response_class=ORJSONResponse)
+async def list_models(registry: RegistryDep) -> Response:
+    return ORJSONResponse({"models": registry.describe()})
+
+
+@router.get("/health/live", tags=["health"], summary="The process answers",
+            responses={200: {"content": {"application/json": {"example": {"status": "live"}}}}})
+async def live() -> dict[str, str]:
+    return {"status": "live"}
+
+
+@router.get("/health/ready", tags=["health"], summary="A model is loaded and warm, and not draining",
+            responses={503: {"description": "starting, no model loaded, or draining for shutdown"}})
+async def ready(request: Request) -> dict[str, Any]:
+    registry = getattr(request.app.state, "registry", None)
+    if getattr(request.app.state, "draining", False):
+        raise NotReady("draining for shutdown")
+    if registry is None or not registry.ready:
+        raise NotReady("no model is loaded yet")
+    return {"status": "ready", "models": {n: s.version for n, s in registry.served.items()}}
+
+
+@router.get("/", include_in_schema=False)
+async def upload_page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/static/{name}", include_in_schema=False)
+async def static_file(name: str) -> FileResponse:
+    if not STATIC_FILE_RE.fullmatch(name):
+        raise NotFound("no such file")
+    path = STATIC / name
+    if not path.is_file():
+        raise NotFound("no such file")
+    return FileResponse(path)
+
+
+@router.get(
+    "/v1/models/{model}/versions/{version}/report/{file}",
+    tags=["models"],
+    summary="A file of the version's training report (metrics.json, report.md, plots)",
+    responses={404: {"description": "unknown model, version or file"}},
+)
+async def report_file(model: str, version: int, file: str, state: AppState) -> FileResponse:
+    if not store.is_model_name(model) or version < 1 or not REPORT_FILE_RE.fullmatch(file):
+        raise NotFound("no such report file")
+    folder = store.version_dir(state.settings.model_store, model, version) / "report"
+    path = (folder / file).resolve()
+    if path.parent != folder.resolve() or not path.is_file():
+        raise NotFound(f"model {model!r} version {version} has no report file {file!r}")
+    media = {"png": "image/png", "json": "application/json", "md": "text/markdown"}[file.rsplit(".", 1)[1]]
+    return FileResponse(path, media_type=media)

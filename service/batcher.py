@@ -1,0 +1,259 @@
+"""A dynamic micro-batcher: rows in, batches out. It knows nothing of HTTP, TensorFlow or images.
+
+A batch closes when it holds `max_batch_size` rows or when its oldest row has waited `max_delay_s`.
+While the model runs, rows accumulate, so under load batches fill without added delay. Rows whose
+caller went away (future cancelled) or whose deadline passed are dropped before they cost compute;
+a batch that raises is split in halves and retried so that only the failing rows err.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFull(Exception):
+    """The queue cannot take the rows of this request."""
+
+
+class DeadlineExceeded(Exception):
+    """The row's deadline passed before the model ran it."""
+
+
+class BatcherStopped(Exception):
+    """The batcher is stopping or stopped and takes no new rows."""
+
+
+class BatchFailed(Exception):
+    """The model call failed for this row (the cause is chained)."""
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    async def wait(self, event: asyncio.Event, timeout: float) -> None:
+        """Return when `event` is set or `timeout` seconds of this clock have passed."""
+
+
+class MonotonicClock:
+    def now(self) -> float:
+        return time.monotonic()
+
+    async def wait(self, event: asyncio.Event, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+
+class BatchObserver(Protocol):
+    def on_batch(self, size: int, reason: str, queue_waits_s: Sequence[float], run_s: float) -> None: ...
+
+    def on_drop(self, reason: str, count: int) -> None: ...
+
+    def on_depth(self, depth: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class RowResult(Generic[R]):
+    value: R
+    queue_s: float
+    run_s: float
+    batch_size: int
+
+
+@dataclass
+class _Row(Generic[T]):
+    item: T
+    future: asyncio.Future[Any]
+    enqueued: float
+    deadline: float | None
+
+
+class Batcher(Generic[T, R]):
+    """Batches rows for `run_batch(list[T]) -> Sequence[R]`, a blocking call run in `executor`."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_rows: int,
+        clock: Clock | None = None,
+        executor: Executor | None = None,
+        observer: BatchObserver | None = None,
+        name: str = "batcher",
+    ) -> None:
+        if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue_rows must be >= 1 and max_delay_s >= 0")
+        self._run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_rows = max_queue_rows
+        self._clock: Clock = clock or MonotonicClock()
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"{name}-model")
+        self._observer = observer
+        self.name = name
+        self._pending: deque[_Row[T]] = deque()
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self.running_rows = 0
+
+    @property
+    def depth(self) -> int:
+        """Rows waiting in the queue (not counting the batch being run)."""
+        return len(self._pending)
+
+    @property
+    def accepting(self) -> bool:
+        return self._task is not None and not self._stopping
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=self.name)
+
+    def submit(self, items: Sequence[T], deadline: float | None = None) -> list[asyncio.Future[RowResult[R]]]:
+        """Queue every item as one row; all or none are accepted. Returns one future per row.
+
+        Raises QueueFull when the rows do not fit and BatcherStopped when stopping. `deadline` is a
+        time on the batcher's clock after which the rows are not run.
+        """
+        if not self.accepting:
+            raise BatcherStopped(f"{self.name} is not accepting rows")
+        if len(self._pending) + len(items) > self.max_queue_rows:
+            raise QueueFull(
+                f"the queue holds {len(self._pending)} of {self.max_queue_rows} rows; "
+                f"{len(items)} more do not fit"
+            )
+        loop = asyncio.get_running_loop()
+        now = self._clock.now()
+        futures: list[asyncio.Future[RowResult[R]]] = []
+        for item in items:
+            fut: asyncio.Future[RowResult[R]] = loop.create_future()
+            self._pending.append(_Row(item, fut, now, deadline))
+            futures.append(fut)
+        self._wakeup.set()
+        self._report_depth()
+        return futures
+
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop taking rows, run the rows already queued (flush reason `drain`), then end the loop."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                logger.warning("%s: drain took longer than %.1fs; failing %d queued rows",
+                               self.name, timeout_s, len(self._pending))
+                self._task.cancel()
+        while self._pending:
+            row = self._pending.popleft()
+            _settle(row.future, exc=BatcherStopped(f"{self.name} stopped before this row ran"))
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._stopping:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            oldest = self._pending[0].enqueued
+            while True:
+                if len(self._pending) >= self.max_batch_size:
+                    reason = "full"
+                    break
+                if self._stopping:
+                    reason = "drain"
+                    break
+                remaining = oldest + self.max_delay_s - self._clock.now()
+                if remaining <= 0:
+                    reason = "delay"
+                    break
+                self._wakeup.clear()
+                await self._clock.wait(self._wakeup, remaining)
+            batch = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+            self._report_depth()
+            live = self._live(batch)
+            if live:
+                await self._run(live, reason)
+
+    def _live(self, batch: list[_Row[T]]) -> list[_Row[T]]:
+        now = self._clock.now()
+        live, cancelled, expired = [], 0, 0
+        for row in batch:
+            if row.future.done():
+                cancelled += 1
+            elif row.deadline is not None and row.deadline <= now:
+                expired += 1
+                _settle(row.future, exc=DeadlineExceeded("the deadline passed while the row was queued"))
+            else:
+                live.append(row)
+        if self._observer is not None:
+            if cancelled:
+                self._observer.on_drop("cancelled", cancelled)
+            if expired:
+                self._observer.on_drop("deadline", expired)
+        return live
+
+    async def _run(self, rows: list[_Row[T]], reason: str) -> None:
+        loop = asyncio.get_running_loop()
+        start = self._clock.now()
+        self.running_rows = len(rows)
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run_batch, [r.item for r in rows])
+            if len(outputs) != len(rows):
+                raise RuntimeError(f"the model returned {len(outputs)} outputs for {len(rows)} rows")
+        except Exception as exc:
+            if len(rows) == 1:
+                logger.warning("%s: row failed: %s", self.name, exc)
+                _settle(rows[0].future, exc=BatchFailed(str(exc)), cause=exc)
+                return
+            logger.warning("%s: batch of %d failed (%s); retrying in halves", self.name, len(rows), exc)
+            half = len(rows) // 2
+            await self._run(rows[:half], reason)
+            await self._run(rows[half:], reason)
+            return
+        finally:
+            self.running_rows = 0
+        run_s = self._clock.now() - start
+        waits = [start - r.enqueued for r in rows]
+        logger.debug("%s: ran %d rows (%s) in %.1f ms", self.name, len(rows), reason, run_s * 1e3)
+        for row, out, wait in zip(rows, outputs, waits, strict=True):
+            _settle(row.future, result=RowResult(out, wait, run_s, len(rows)))
+        if self._observer is not None:
+            self._observer.on_batch(len(rows), reason, waits, run_s)
+
+    def _report_depth(self) -> None:
+        if self._observer is not None:
+            self._observer.on_depth(len(self._pending))
+
+
+def _settle(fut: asyncio.Future[Any], *, result: Any = None, exc: BaseException | None = None,
+            cause: BaseException | None = None) -> None:
+    """Set a future's outcome unless its caller already went away."""
+    if fut.done():
+        return
+    if exc is not None:
+        if cause is not None:
+            exc.__cause__ = cause
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
