@@ -1,0 +1,205 @@
+"""The app through its ASGI lifespan, with a fake classifier: routes, errors, headers, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import cv2
+import httpx
+import numpy as np
+import pytest
+from asgi_lifespan import LifespanManager
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import FakeClassifier, write_fake_version
+
+LABELS = ["dark", "mid", "bright"]
+
+
+def jpeg(red: int, size: int = 40) -> bytes:
+    img = np.zeros((size, size, 3), np.uint8)
+    img[..., 2] = red  # BGR: red channel
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    assert ok
+    return buf.tobytes()
+
+
+async def wait_ready(client: httpx.AsyncClient) -> None:
+    for _ in range(200):
+        if (await client.get("/health/ready")).status_code == 200:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("never ready")
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    settings = Settings(model_store=tmp_path, max_batch_delay_ms=20, poll_interval_s=0.05,
+                        max_upload_bytes=200_000, max_images_per_request=4, max_image_pixels=1_000_000)
+    app = create_app(settings, loader=lambda path, meta: FakeClassifier(meta))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            await wait_ready(c)
+            yield c
+
+
+async def test_predict_multipart_answers_each_image_in_order(client: httpx.AsyncClient) -> None:
+    files = [("file", ("a.jpg", jpeg(250), "image/jpeg")), ("file", ("b.jpg", jpeg(10), "image/jpeg"))]
+    r = await client.post("/predict?top_k=2", files=files, headers={"X-Request-ID": "abc-1"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "fake" and body["version"] == 1
+    assert [p["filename"] for p in body["predictions"]] == ["a.jpg", "b.jpg"]
+    assert [p["top"][0]["label"] for p in body["predictions"]] == ["bright", "dark"]
+    assert len(body["predictions"][0]["top"]) == 2
+    assert body["predictions"][0]["top"][0]["score"] == pytest.approx(0.9)
+    assert r.headers["x-model-name"] == "fake" and r.headers["x-model-version"] == "1"
+    assert r.headers["x-request-id"] == "abc-1"
+    assert "queue;dur=" in r.headers["server-timing"] and 'batch;desc="2"' in r.headers["server-timing"]
+
+
+async def test_raw_image_body(client: httpx.AsyncClient) -> None:
+    r = await client.post("/predict", content=jpeg(128), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["top"][0]["label"] == "mid"
+    assert len(r.headers["x-request-id"]) == 32  # made when not given
+
+
+async def test_concurrent_requests_share_batches(client: httpx.AsyncClient) -> None:
+    rs = await asyncio.gather(*(client.post("/predict", content=jpeg(v), headers={"Content-Type": "image/jpeg"})
+                                for v in (10, 128, 250, 10, 250)))
+    assert [r.json()["predictions"][0]["top"][0]["label"] for r in rs] == ["dark", "mid", "bright", "dark", "bright"]
+    metrics = (await client.get("/metrics")).text
+    count = _sample(metrics, 'imgserve_batch_size_count{model="fake",version="1"}')
+    total = _sample(metrics, 'imgserve_batch_size_sum{model="fake",version="1"}')
+    assert total >= 5 and count < total  # at least one batch held more than one row
+
+
+def _sample(text: str, prefix: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{prefix} not in metrics")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415, "unsupported_media_type"),
+        ({"content": b"", "headers": {"Content-Type": "image/jpeg"}}, 400, "bad_request"),
+        ({"content": b"not an image at all", "headers": {"Content-Type": "image/jpeg"}}, 415,
+         "unsupported_media_type"),
+        ({"content": b"x" * 300_000, "headers": {"Content-Type": "image/jpeg"}}, 413, "payload_too_large"),
+        ({"files": [("other", ("a.jpg", b"x", "image/jpeg"))]}, 400, "bad_request"),
+        ({"files": [("file", ("a.jpg", b"", "image/jpeg"))]}, 400, "bad_request"),
+    ],
+)
+async def test_bad_input_is_a_clear_4xx(client: httpx.AsyncClient, kwargs: dict[str, object], status: int,
+                                        code: str) -> None:
+    r = await client.post("/predict", **kwargs)  # type: ignore[arg-type]
+    assert r.status_code == status, r.text
+    assert r.json()["code"] == code and r.json()["error"]
+
+
+async def test_too_many_images_names_the_limit(client: httpx.AsyncClient) -> None:
+    files = [("file", (f"{i}.jpg", jpeg(10), "image/jpeg")) for i in range(5)]
+    r = await client.post("/predict", files=files)
+    assert r.status_code == 413
+    assert "limit is 4" in r.json()["error"]
+
+
+async def test_decompression_bomb_refused_before_decoding(client: httpx.AsyncClient) -> None:
+    buf = io.BytesIO()
+    Image.new("L", (2000, 2000)).save(buf, "PNG")  # 4 Mpx > the 1 Mpx limit; a few KB on the wire
+    r = await client.post("/predict", content=buf.getvalue(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 413
+    assert "pixels" in r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [("top_k=0", 422), ("top_k=-1", 422), ("top_k=1000000000", 422), ("model=nope", 404),
+     ("version=2", 404), ("version=0", 422), ("version=abc", 422), ("model=../x", 404)],
+)
+async def test_bad_parameters(client: httpx.AsyncClient, query: str, status: int) -> None:
+    r = await client.post(f"/predict?{query}", content=jpeg(1), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == status, r.text
+    assert "error" in r.json()
+
+
+async def test_bad_timeout_header(client: httpx.AsyncClient) -> None:
+    r = await client.post("/predict", content=jpeg(1),
+                          headers={"Content-Type": "image/jpeg", "X-Request-Timeout-Ms": "soon"})
+    assert r.status_code == 400 and "X-Request-Timeout-Ms".lower() in r.json()["error"].lower()
+
+
+async def test_models_listing_and_health(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/health/live")).json() == {"status": "live"}
+    ready = await client.get("/health/ready")
+    assert ready.json()["models"] == {"fake": 1}
+    models = (await client.get("/v1/models")).json()["models"]
+    assert models[0]["name"] == "fake" and models[0]["labels"] == LABELS
+    assert models[0]["versions"] == [{"version": 1, "state": "AVAILABLE"}]
+
+
+async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:
+    r = await client.get("/nope")
+    assert r.status_code == 404 and r.json()["code"] == "not_found"
+
+
+async def test_broken_version_is_refused_and_old_keeps_serving(client: httpx.AsyncClient, tmp_path: Path) -> None:
+    bad = tmp_path / "fake" / "2"
+    bad.mkdir()
+    (bad / "model.json").write_text("{not json")
+    for _ in range(50):
+        models = (await client.get("/v1/models")).json()["models"]
+        states = {v["version"]: v["state"] for v in models[0]["versions"]}
+        if states.get(2) == "FAILED":
+            break
+        await asyncio.sleep(0.05)
+    assert states == {1: "AVAILABLE", 2: "FAILED"}
+    r = await client.post("/predict", content=jpeg(250), headers={"Content-Type": "image/jpeg"})
+    assert r.status_code == 200 and r.json()["version"] == 1
+    assert 'imgserve_model_loads_total{model="fake",outcome="failure"} 1.0' in (await client.get("/metrics")).text
+
+
+async def test_new_version_is_swapped_in(client: httpx.AsyncClient, tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "fake", 2, LABELS)
+    for _ in range(100):
+        r = await client.post("/predict", content=jpeg(250), headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 200
+        if r.json()["version"] == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert r.json()["version"] == 2 and r.headers["x-model-version"] == "2"
+
+
+async def test_not_ready_without_models(tmp_path: Path) -> None:
+    app = create_app(Settings(model_store=tmp_path / "empty"), loader=lambda p, m: FakeClassifier(m))
+    async with LifespanManager(app) as manager:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
+            r = await c.get("/health/ready")
+            assert r.status_code == 503 and r.json()["code"] == "not_ready"
+            r = await c.post("/predict", content=jpeg(1), headers={"Content-Type": "image/jpeg"})
+            assert r.status_code == 503
+
+
+async def test_warmup_failure_is_refused(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    app = create_app(Settings(model_store=tmp_path), loader=lambda p, m: FakeClassifier(m, fail_warmup=True))
+    async with LifespanManager(app) as manager:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
+            for _ in range(50):
+                models = (await c.get("/v1/models")).json()["models"]
+                if models and models[0]["versions"][0]["state"] == "FAILED":
+                    break
+                await asyncio.sleep(0.02)
+            assert "warm-up exploded" in models[0]["versions"][0]["reason"]
+            assert (await c.get("/health/ready")).status_code == 503

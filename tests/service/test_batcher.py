@@ -1,0 +1,210 @@
+"""The batcher's semantics, proven with a fake model and a clock the test controls (no sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from service.batcher import Batcher, BatcherStopped, BatchFailed, DeadlineExceeded, QueueFull
+
+
+class FakeClock:
+    """Time moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+        self._waiters: list[tuple[float, asyncio.Future[None]]] = []
+
+    def now(self) -> float:
+        return self.t
+
+    async def wait(self, event: asyncio.Event, timeout: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((self.t + timeout, fut))
+        ev = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait({ev, fut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ev.cancel()
+            if not fut.done():
+                fut.cancel()
+
+    async def advance(self, dt: float) -> None:
+        self.t += dt
+        for deadline, fut in list(self._waiters):
+            if deadline <= self.t and not fut.done():
+                fut.set_result(None)
+        self._waiters = [(d, f) for d, f in self._waiters if not f.done()]
+        await settle()
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+class RecordingModel:
+    """Doubles its inputs; records every batch; can be made to fail on given items or to block."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_on: set[int] = set()
+        self.gate: threading.Event | None = None
+
+    def __call__(self, items: list[int]) -> Sequence[int]:
+        self.batches.append(list(items))
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.fail_on & set(items):
+            raise ValueError(f"bad item among {items}")
+        return [2 * x for x in items]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def model() -> RecordingModel:
+    return RecordingModel()
+
+
+def make(model: RecordingModel, clock: FakeClock, **kw: float) -> Batcher[int, int]:
+    args = {"max_batch_size": 4, "max_delay_s": 0.010, "max_queue_rows": 16, **kw}
+    b: Batcher[int, int] = Batcher(model, clock=clock, **args)  # type: ignore[arg-type]
+    b.start()
+    return b
+
+
+async def wait_done(futs: list[asyncio.Future[object]], timeout: float = 2.0) -> None:
+    await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), timeout)
+
+
+async def test_flushes_when_full_without_waiting(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock, max_delay_s=1000.0)
+    futs = b.submit([1, 2, 3, 4])
+    await wait_done(futs)  # the clock never moved: only the size can have closed the batch
+    assert model.batches == [[1, 2, 3, 4]]
+    assert [f.result().value for f in futs] == [2, 4, 6, 8]
+    assert {f.result().batch_size for f in futs} == {4}
+    await b.stop(1)
+
+
+async def test_waits_for_delay_counted_from_oldest_row(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock, max_delay_s=0.010)
+    first = b.submit([1])
+    await clock.advance(0.006)
+    second = b.submit([2])
+    await settle()
+    assert model.batches == []  # 6 ms of 10: still open
+    await clock.advance(0.003)
+    assert model.batches == []  # 9 ms
+    await clock.advance(0.001)  # the oldest row has waited 10 ms; the newer one only 4 ms
+    await wait_done(first + second)
+    assert model.batches == [[1, 2]]
+    assert first[0].result().queue_s == pytest.approx(0.010)
+    assert second[0].result().queue_s == pytest.approx(0.004)
+    await b.stop(1)
+
+
+async def test_rows_accumulate_while_model_is_busy(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock, max_batch_size=8, max_delay_s=0.005)
+    model.gate = threading.Event()
+    f1 = b.submit([1])
+    await clock.advance(0.005)
+    for _ in range(100):  # the first batch is now inside the model, blocked on the gate
+        if model.batches:
+            break
+        await asyncio.sleep(0.001)
+    assert model.batches == [[1]]
+    later = b.submit([2, 3]) + b.submit([4])
+    await clock.advance(0.010)  # they are overdue, yet the busy model keeps them queued
+    assert b.depth == 3
+    model.gate.set()
+    model.gate = None
+    await wait_done(f1 + later)
+    assert model.batches == [[1], [2, 3, 4]]
+    await b.stop(1)
+
+
+async def test_a_failing_row_fails_alone(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock, max_batch_size=4)
+    model.fail_on = {3}
+    futs = b.submit([1, 2, 3, 4])
+    await wait_done(futs)
+    assert [f.result().value for i, f in enumerate(futs) if i != 2] == [2, 4, 8]
+    assert isinstance(futs[2].exception(), BatchFailed)
+    assert model.batches[0] == [1, 2, 3, 4]  # then halves, then the failing quarter alone
+    again = b.submit([5])  # the loop still runs
+    await clock.advance(0.02)
+    await wait_done(again)
+    assert again[0].result().value == 10
+    await b.stop(1)
+
+
+async def test_cancelled_callers_are_skipped(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock)
+    futs = b.submit([1, 2, 3])
+    futs[1].cancel()
+    await clock.advance(0.02)
+    await wait_done([futs[0], futs[2]])
+    assert model.batches == [[1, 3]]
+    await b.stop(1)
+
+
+async def test_expired_rows_never_reach_the_model(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock, max_delay_s=0.010)
+    expiring = b.submit([1], deadline=0.005)
+    keeping = b.submit([2], deadline=1.0)
+    await clock.advance(0.010)
+    await wait_done(expiring + keeping)
+    assert isinstance(expiring[0].exception(), DeadlineExceeded)
+    assert keeping[0].result().value == 4
+    assert model.batches == [[2]]
+    await b.stop(1)
+
+
+async def test_queue_full_refuses_whole_request(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock, max_queue_rows=5, max_delay_s=1000.0, max_batch_size=100)
+    b.submit([1, 2, 3])
+    with pytest.raises(QueueFull):
+        b.submit([4, 5, 6])
+    assert b.depth == 3  # all or nothing
+    b.submit([4, 5])
+    await b.stop(1)
+
+
+async def test_stop_drains_queued_rows_then_refuses(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock, max_delay_s=1000.0)
+    futs = b.submit([1, 2])
+    await b.stop(1)
+    assert [f.result().value for f in futs] == [2, 4]
+    assert model.batches == [[1, 2]]
+    with pytest.raises(BatcherStopped):
+        b.submit([3])
+
+
+async def test_batches_never_exceed_the_bound(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock, max_batch_size=3, max_delay_s=0.001)
+    futs = b.submit(list(range(10)))
+    await clock.advance(0.002)
+    await wait_done(futs)
+    assert all(len(batch) <= 3 for batch in model.batches)
+    assert sorted(x for batch in model.batches for x in batch) == list(range(10))
+    assert [f.result().value for f in futs] == [2 * x for x in range(10)]
+    await b.stop(1)
+
+
+async def test_wrong_number_of_outputs_is_an_error(clock: FakeClock) -> None:
+    b: Batcher[int, int] = Batcher(lambda items: [0], max_batch_size=2, max_delay_s=0.0, max_queue_rows=4,
+                                   clock=clock)
+    b.start()
+    futs = b.submit([1, 2])
+    await wait_done(futs)
+    # the pair fails as a whole; each row alone then gets exactly one output
+    assert [f.result().value for f in futs] == [0, 0]
+    await b.stop(1)
