@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from types import FrameType
 
 from pydantic import ValidationError
@@ -66,6 +69,15 @@ def main() -> int:
                     loop.call_later(settings.shutdown_delay_s, super().handle_exit, sig, frame)
                     return
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises SIGTERM after its shutdown; a completed drain is a clean exit (status 0).
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
     config = uvicorn.Config(
         app,

