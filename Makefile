@@ -1,0 +1,36 @@
+# Everything runs inside .venv, made from pyproject.toml.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STORE ?= model_store
+export TF_ENABLE_ONEDNN_OPTS ?= 1
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install demo serve test lint bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev,hed]'
+
+# Quick start: install, train the demo model if the store has none, serve on port 8000.
+demo: install
+	$(BIN)/python -m train demo --store $(STORE) --if-missing
+	IMGSERVE_MODEL_STORE=$(STORE) $(BIN)/python -m service
+
+serve:
+	IMGSERVE_MODEL_STORE=$(STORE) $(BIN)/python -m service
+
+test: install
+	$(BIN)/python -m pytest
+
+lint:
+	$(BIN)/ruff check service train tests bench
+
+bench:
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
