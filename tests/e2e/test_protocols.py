@@ -1,0 +1,154 @@
+"""TF Serving REST and KServe v2 against a real uvicorn process, with the official tritonclient."""
+
+from __future__ import annotations
+
+import base64
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from service.imaging import load_image
+from tests.conftest import LiveServer, Trained, clothing_images
+
+pytestmark = pytest.mark.slow
+
+
+def native_probs(server: LiveServer, paths: list[Path], k: int) -> np.ndarray:
+    files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    body = httpx.post(server.url + "/predict", files=files, params={"top_k": k}, timeout=30).json()
+    out = np.zeros((len(paths), k))
+    for i, pred in enumerate(body["predictions"]):
+        for t in pred["top"]:
+            out[i, t["index"]] = t["score"]
+    return out
+
+
+@pytest.fixture
+def triton_client(live: LiveServer) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(url=live.url.removeprefix("http://"), network_timeout=30)
+
+
+def test_tritonclient_health_and_metadata(triton_client: triton.InferenceServerClient, trained: Trained) -> None:
+    assert triton_client.is_server_live()
+    assert triton_client.is_server_ready()
+    assert triton_client.is_model_ready("clothing")
+    assert triton_client.is_model_ready("clothing", str(trained.version))
+    assert not triton_client.is_model_ready("nope")
+    meta = triton_client.get_server_metadata()
+    assert "classification" in meta["extensions"] and "binary_tensor_data" in meta["extensions"]
+    mm = triton_client.get_model_metadata("clothing")
+    assert mm["inputs"][0] == {"name": "images", "datatype": "UINT8", "shape": [-1, 48, 48, 3]}
+    assert mm["outputs"][0] == {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(trained.labels)]}
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_infer_bytes_images(triton_client: triton.InferenceServerClient, live: LiveServer,
+                                         trained: Trained, binary: bool) -> None:
+    paths = clothing_images(4)
+    k = len(trained.labels)
+    if binary:
+        data = np.array([p.read_bytes() for p in paths], dtype=np.object_)
+    else:  # JSON carries BYTES as strings: base64 for binary images
+        data = np.array([base64.b64encode(p.read_bytes()) for p in paths], dtype=np.object_)
+    inp = triton.InferInput("images", [len(paths)], "BYTES")
+    inp.set_data_from_numpy(data, binary_data=binary)
+    out = triton.InferRequestedOutput("probabilities", binary_data=binary)
+    result = triton_client.infer("clothing", [inp], outputs=[out], request_id="req-7")
+    probs = result.as_numpy("probabilities")
+    assert probs.dtype == np.float32 and probs.shape == (4, k)
+    np.testing.assert_allclose(probs, native_probs(live, paths, k), atol=1e-5)
+    assert result.get_response()["id"] == "req-7"
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_infer_uint8_pixels(triton_client: triton.InferenceServerClient, live: LiveServer,
+                                         trained: Trained, binary: bool) -> None:
+    paths = clothing_images(3)
+    pixels = np.stack([load_image(p, 48, 48) for p in paths])
+    inp = triton.InferInput("images", list(pixels.shape), "UINT8")
+    inp.set_data_from_numpy(pixels, binary_data=binary)
+    result = triton_client.infer("clothing", [inp], model_version=str(trained.version))
+    np.testing.assert_allclose(result.as_numpy("probabilities"), native_probs(live, paths, len(trained.labels)),
+                               atol=1e-5)
+
+
+def test_tritonclient_classification_extension(triton_client: triton.InferenceServerClient, live: LiveServer,
+                                               trained: Trained) -> None:
+    paths = clothing_images(2)
+    inp = triton.InferInput("images", [2], "BYTES")
+    inp.set_data_from_numpy(np.array([p.read_bytes() for p in paths], dtype=np.object_))
+    out = triton.InferRequestedOutput("probabilities", class_count=3)
+    classes = triton_client.infer("clothing", [inp], outputs=[out]).as_numpy("probabilities")
+    assert classes.shape == (2, 3)
+    native = httpx.post(live.url + "/predict", files=[("file", (p.name, p.read_bytes())) for p in paths],
+                        params={"top_k": 3}).json()["predictions"]
+    for row, pred in zip(classes, native, strict=True):
+        parsed = [c.decode().split(":") for c in row]
+        assert [int(p[1]) for p in parsed] == [t["index"] for t in pred["top"]]
+        assert [p[2] for p in parsed] == [t["label"] for t in pred["top"]]
+        assert [float(p[0]) for p in parsed] == pytest.approx([t["score"] for t in pred["top"]], abs=1e-5)
+
+
+def test_tf_serving_rest_as_documented(live: LiveServer, trained: Trained) -> None:
+    paths = clothing_images(3)
+    k = len(trained.labels)
+    want = native_probs(live, paths, k)
+    b64 = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    pixels = np.stack([load_image(p, 48, 48) for p in paths]).tolist()
+    url = live.url + "/v1/models/clothing"
+    cases = [
+        (url + ":predict", {"instances": [{"b64": b} for b in b64]}, "predictions"),
+        (url + ":predict", {"signature_name": "serving_default", "instances": [{"images": {"b64": b}} for b in b64]},
+         "predictions"),
+        (url + f"/versions/{trained.version}:predict", {"instances": pixels}, "predictions"),
+        (url + ":predict", {"inputs": {"images": [{"b64": b} for b in b64]}}, "outputs"),
+        (url + ":predict", {"inputs": pixels}, "outputs"),
+    ]
+    for target, body, key in cases:
+        r = httpx.post(target, json=body, timeout=30)
+        assert r.status_code == 200, (target, r.text)
+        np.testing.assert_allclose(np.asarray(r.json()[key]), want, atol=1e-5)
+    status = httpx.get(url).json()
+    assert status["model_version_status"][0] == {"version": str(trained.version), "state": "AVAILABLE",
+                                                 "status": {"error_code": "OK", "error_message": ""}}
+    meta = httpx.get(url + "/metadata").json()
+    sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert sig["inputs"]["images"]["dtype"] == "DT_UINT8"
+    assert [d["size"] for d in sig["outputs"]["probabilities"]["tensor_shape"]["dim"]] == ["-1", str(k)]
+
+
+def test_all_protocols_share_batches(live: LiveServer, trained: Trained) -> None:
+    path = clothing_images(1)[0]
+    b64 = base64.b64encode(path.read_bytes()).decode()
+    client = triton.InferenceServerClient(url=live.url.removeprefix("http://"), concurrency=1)
+
+    def native(_: int) -> int:
+        return httpx.post(live.url + "/predict", files={"file": (path.name, path.read_bytes())}, timeout=30).status_code
+
+    def tfs(_: int) -> int:
+        return httpx.post(live.url + "/v1/models/clothing:predict", json={"instances": [{"b64": b64}]},
+                          timeout=30).status_code
+
+    def kserve(_: int) -> int:
+        inp = triton.InferInput("images", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([path.read_bytes()], dtype=np.object_))
+        triton.InferenceServerClient(url=live.url.removeprefix("http://")).infer("clothing", [inp])
+        return 200
+
+    before = httpx.get(live.url + "/metrics").text
+    with ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(f, i) for i in range(8) for f in (native, tfs, kserve)]
+        assert [f.result() for f in futures] == [200] * 24
+    after = httpx.get(live.url + "/metrics").text
+
+    def total(text: str, name: str) -> float:
+        return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(name))
+
+    batches = total(after, "imgserve_batch_size_count{") - total(before, "imgserve_batch_size_count{")
+    rows = total(after, "imgserve_batch_size_sum{") - total(before, "imgserve_batch_size_sum{")
+    assert rows == 24 and batches < 24  # the three protocols' rows were run together
+    client.close()
