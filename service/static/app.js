@@ -1,0 +1,119 @@
+"use strict";
+// The upload page: pick a model, send images to /predict one request per image, show the top classes.
+const $ = (sel) => document.querySelector(sel);
+let models = [];
+
+const MESSAGES = {
+  413: "This image is too large for the server.",
+  415: "This file is not an image the server can read (use JPEG, PNG, WebP or BMP).",
+  400: "The server could not read this image.",
+  429: "The server is busy right now. Try again in a moment.",
+  503: "The server is not ready (starting up or shutting down). Try again shortly.",
+  504: "The server took too long to answer. Try again.",
+  404: "That model or version is not available.",
+};
+
+async function loadModels() {
+  try {
+    const r = await fetch("/v1/models");
+    const body = await r.json();
+    models = (body.models || []).filter((m) => m.served_version !== null);
+  } catch (e) {
+    models = [];
+  }
+  const sel = $("#model");
+  sel.innerHTML = "";
+  for (const m of models) sel.add(new Option(m.name, m.name));
+  $("#model-status").textContent = models.length ? "" : "No model is being served yet.";
+  fillVersions();
+}
+
+function fillVersions() {
+  const m = models.find((x) => x.name === $("#model").value);
+  const sel = $("#version");
+  sel.innerHTML = "";
+  if (!m) return;
+  for (const v of m.versions.filter((v) => v.state === "AVAILABLE")) {
+    sel.add(new Option(`${v.version}`, v.version));
+  }
+  const link = $("#report-link");
+  link.href = `/v1/models/${encodeURIComponent(m.name)}/versions/${m.served_version}/report/report.md`;
+  link.hidden = false;
+}
+
+function card(file) {
+  const node = $("#card").content.firstElementChild.cloneNode(true);
+  node.querySelector("img").src = URL.createObjectURL(file);
+  node.querySelector("img").alt = `thumbnail of ${file.name}`;
+  node.querySelector("img").addEventListener("error", (e) => { e.target.hidden = true; });
+  node.querySelector(".name").textContent = file.name || "pasted image";
+  node.querySelector(".meta").textContent = "classifying…";
+  $("#results").prepend(node);
+  return node;
+}
+
+function showError(node, status, body) {
+  const err = node.querySelector(".error");
+  err.textContent = MESSAGES[status] || `The server answered ${status}.`;
+  if (body && body.error) {
+    const small = document.createElement("small");
+    small.textContent = `Server: ${body.error}`;
+    err.append(small);
+  }
+  err.hidden = false;
+  node.querySelector(".meta").textContent = "";
+  node.classList.add("failed");
+}
+
+async function classify(file) {
+  const node = card(file);
+  const form = new FormData();
+  form.append("file", file, file.name || "pasted.png");
+  const params = new URLSearchParams({ top_k: $("#topk").value || "5" });
+  if ($("#model").value) params.set("model", $("#model").value);
+  if ($("#version").value) params.set("version", $("#version").value);
+  const t0 = performance.now();
+  let r, body;
+  try {
+    r = await fetch(`/predict?${params}`, { method: "POST", body: form });
+    body = await r.json().catch(() => null);
+  } catch (e) {
+    showError(node, 0, { error: "the server could not be reached" });
+    return;
+  }
+  const ms = Math.round(performance.now() - t0);
+  if (!r.ok) {
+    showError(node, r.status, body);
+    return;
+  }
+  node.querySelector(".meta").textContent = `${body.model} v${body.version} · ${ms} ms`;
+  const list = node.querySelector(".bars");
+  for (const t of body.predictions[0].top) {
+    const li = document.createElement("li");
+    li.className = "bar";
+    const pct = (t.score * 100).toFixed(1);
+    li.innerHTML = '<span class="label"></span><span class="track"><span class="fill"></span></span><span class="pct"></span>';
+    li.querySelector(".label").textContent = t.label;
+    li.querySelector(".fill").style.width = `${pct}%`;
+    li.querySelector(".pct").textContent = `${pct}%`;
+    li.setAttribute("aria-label", `${t.label}: ${pct} percent`);
+    list.append(li);
+  }
+}
+
+function handle(files) {
+  for (const f of files) classify(f);
+}
+
+$("#files").addEventListener("change", (e) => { handle(e.target.files); e.target.value = ""; });
+$("#model").addEventListener("change", fillVersions);
+const drop = $("#drop");
+drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("#files").click(); } });
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); handle(e.dataTransfer.files); });
+document.addEventListener("paste", (e) => {
+  const files = [...(e.clipboardData || {}).items || []].filter((i) => i.kind === "file").map((i) => i.getAsFile());
+  handle(files);
+});
+loadModels();
