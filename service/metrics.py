@@ -27,6 +27,8 @@ class Metrics:
                                [*mv, "reason"], registry=r)
         self.rows = Counter("imgserve_rows_total", "Rows (images) run by the model", mv, registry=r)
         self.queue_depth = Gauge("imgserve_queue_depth", "Rows waiting in the queue", mv, registry=r)
+        self.queue_capacity = Gauge("imgserve_queue_capacity_rows", "Rows the queue holds before 429", mv,
+                                    registry=r)
         self.inflight_rows = Gauge("imgserve_inflight_rows", "Rows queued or running", mv, registry=r)
         self.dropped_rows = Counter("imgserve_dropped_rows_total", "Rows dropped before inference",
                                     [*mv, "reason"], registry=r)

@@ -176,6 +176,7 @@ class Registry:
         self.metrics.model_version.labels(name).set(version)
         self.metrics.ready.set(1)
         self.metrics.model_load_seconds.labels(name, str(version)).set(seconds)
+        self.metrics.queue_capacity.labels(name, str(version)).set(s.max_queue_rows)
         logger.info("serving %s version %d (%d classes, input %dx%d), loaded in %.1fs of which warm-up %.1fs "
                     "at batch sizes %s", name, version, meta.num_classes, meta.input.height, meta.input.width,
                     seconds, warm, s.warmup_sizes)
@@ -187,7 +188,9 @@ class Registry:
         task = asyncio.get_running_loop().create_task(old.retire(self.settings.drain_timeout_s))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
-        self.metrics.queue_depth.remove(old.name, str(old.version))
+        for gauge in (self.metrics.queue_depth, self.metrics.queue_capacity):
+            with contextlib.suppress(KeyError):
+                gauge.remove(old.name, str(old.version))
         logger.info("retiring %s version %d once its %d requests are done", old.name, old.version, old.inflight)
 
     def resolve(self, name: str | None, version: int | None = None) -> ServedVersion:

@@ -1,0 +1,41 @@
+# CPU image by default. GPU image: --build-arg EXTRAS=hed,gpu (TensorFlow with its CUDA libraries),
+# or a CUDA-enabled TensorFlow base: --build-arg BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG EXTRAS=hed
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=2 \
+    IMGSERVE_HOST=0.0.0.0 \
+    IMGSERVE_PORT=8000 \
+    IMGSERVE_MODEL_STORE=/models
+
+WORKDIR /app
+RUN useradd --create-home --uid 10001 --user-group app \
+    && mkdir -p /models \
+    && chown app:app /models
+
+# Dependencies first: this layer is rebuilt only when pyproject.toml changes.
+COPY pyproject.toml README.md ./
+# hadolint ignore=DL3013
+RUN mkdir -p service train \
+    && touch service/__init__.py train/__init__.py \
+    && pip install ".[${EXTRAS}]" \
+    && pip uninstall -y imgserve \
+    && rm -rf service train build ./*.egg-info
+
+COPY service ./service
+COPY train ./train
+COPY docker/entrypoint.sh /usr/local/bin/imgserve-entrypoint
+RUN pip install --no-deps . && chmod 0755 /usr/local/bin/imgserve-entrypoint
+
+USER 10001
+EXPOSE 8000
+VOLUME ["/models"]
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=2)"]
+ENTRYPOINT ["imgserve-entrypoint"]
+CMD ["python", "-m", "service"]

@@ -1,0 +1,26 @@
+#!/bin/sh
+# Container entrypoint. With DEMO_IF_EMPTY=1 and no model in the store, trains the offline demo model
+# first: into the store when it is writable, otherwise into DEMO_STORE (default /tmp/model_store),
+# which then becomes the store served. Then runs the command (the service by default) as PID 1.
+set -eu
+
+store="${IMGSERVE_MODEL_STORE:-/models}"
+
+has_model() {
+    find "$1" -mindepth 3 -maxdepth 3 -name model.json 2>/dev/null | grep -q .
+}
+
+if [ "${DEMO_IF_EMPTY:-0}" = "1" ] && ! has_model "$store"; then
+    if [ -d "$store" ] && [ -w "$store" ]; then
+        target="$store"
+    else
+        target="${DEMO_STORE:-/tmp/model_store}"
+    fi
+    echo "entrypoint: no model in $store; training the demo model into $target" >&2
+    # shellcheck disable=SC2086  # DEMO_ARGS is a list of options
+    python -m train demo --store "$target" --if-missing ${DEMO_ARGS:-}
+    IMGSERVE_MODEL_STORE="$target"
+    export IMGSERVE_MODEL_STORE
+fi
+
+exec "$@"
