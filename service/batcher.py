@@ -1,7 +1,9 @@
 """A dynamic micro-batcher: rows in, batches out. It knows nothing of HTTP, TensorFlow or images.
 
 A batch closes when it holds `max_batch_size` rows or when its oldest row has waited `max_delay_s`.
-While the model runs, rows accumulate, so under load batches fill without added delay. Rows whose
+While the model runs, rows accumulate, so under load batches fill without added delay. With
+`flush_when_idle`, callers announce rows that are on their way (`incoming()`, e.g. while a request
+decodes); when none are, waiting longer cannot fill the batch, so it closes at once (reason `idle`). Rows whose
 caller went away (future cancelled) or whose deadline passed are dropped before they cost compute;
 a batch that raises is split in halves and retried so that only the failing rows err.
 """
@@ -9,10 +11,11 @@ a batch that raises is split in halves and retried so that only the failing rows
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -95,6 +98,7 @@ class Batcher(Generic[T, R]):
         executor: Executor | None = None,
         observer: BatchObserver | None = None,
         name: str = "batcher",
+        flush_when_idle: bool = False,
     ) -> None:
         if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue_rows must be >= 1 and max_delay_s >= 0")
@@ -107,6 +111,8 @@ class Batcher(Generic[T, R]):
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"{name}-model")
         self._observer = observer
         self.name = name
+        self.flush_when_idle = flush_when_idle
+        self._incoming = 0
         self._pending: deque[_Row[T]] = deque()
         self._wakeup = asyncio.Event()
         self._stopping = False
@@ -121,6 +127,16 @@ class Batcher(Generic[T, R]):
     @property
     def accepting(self) -> bool:
         return self._task is not None and not self._stopping
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Announce that rows are on their way (submitted before the block ends, or never)."""
+        self._incoming += 1
+        try:
+            yield
+        finally:
+            self._incoming -= 1
+            self._wakeup.set()
 
     def start(self) -> None:
         if self._task is None:
@@ -182,6 +198,9 @@ class Batcher(Generic[T, R]):
                     break
                 if self._stopping:
                     reason = "drain"
+                    break
+                if self.flush_when_idle and self._incoming == 0:
+                    reason = "idle"
                     break
                 remaining = oldest + self.max_delay_s - self._clock.now()
                 if remaining <= 0:

@@ -166,6 +166,7 @@ class Registry:
             max_queue_rows=s.max_queue_rows,
             observer=self.metrics.observer(name, version),
             name=f"{name}:{version}",
+            flush_when_idle=s.flush_when_idle,
         )
         batcher.start()
         new = ServedVersion(name, version, meta, model, batcher, path, time.time(), seconds)

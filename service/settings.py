@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(5.0, gt=0, description="how often the store is scanned for new versions")
     max_batch_size: int = Field(32, ge=1, le=1024, description="rows per batch at most")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="longest wait of a batch's oldest row")
+    flush_when_idle: bool = Field(
+        True, description="close a batch at once when no other request is decoding (nothing more is coming)"
+    )
     max_queue_rows: int = Field(256, ge=1, description="queued rows per model version before 429")
     request_timeout_ms: int = Field(30_000, ge=1, description="default deadline of a request")
     max_request_timeout_ms: int = Field(120_000, ge=1, description="cap on the X-Request-Timeout-Ms header")

@@ -219,18 +219,19 @@ async def _infer(request: Request, state: AppState, registry: Registry, model: s
     deadline = deadline_for(request, state.settings)
     served = registry.resolve(model, version)
     with served.acquire():
-        doc, binary = _split_body(await request.body(), request.headers.get(HEADER_LENGTH))
-        req_id = doc.get("id")
-        outputs_req = doc.get("outputs") or [{"name": "probabilities"}]
-        if not isinstance(outputs_req, list) or not all(isinstance(o, dict) for o in outputs_req):
-            raise BadRequest("'outputs' must be a list of objects")
-        for o in outputs_req:
-            if o.get("name") != "probabilities":
-                raise BadRequest(f"unknown output {o.get('name')!r}: this model has 'probabilities'")
-        request_params = doc.get("parameters") or {}
-        if not isinstance(request_params, dict):
-            raise BadRequest("'parameters' must be an object")
-        rows = await _input_rows(request, state, served, doc, binary)
+        with served.batcher.incoming():  # rows on their way: the batcher may wait for them
+            doc, binary = _split_body(await request.body(), request.headers.get(HEADER_LENGTH))
+            req_id = doc.get("id")
+            outputs_req = doc.get("outputs") or [{"name": "probabilities"}]
+            if not isinstance(outputs_req, list) or not all(isinstance(o, dict) for o in outputs_req):
+                raise BadRequest("'outputs' must be a list of objects")
+            for o in outputs_req:
+                if o.get("name") != "probabilities":
+                    raise BadRequest(f"unknown output {o.get('name')!r}: this model has 'probabilities'")
+            request_params = doc.get("parameters") or {}
+            if not isinstance(request_params, dict):
+                raise BadRequest("'parameters' must be an object")
+            rows = await _input_rows(request, state, served, doc, binary)
         outcome = await run_rows(request, served, rows, deadline, state.metrics)
     probs = outcome.probabilities.astype(np.float32)
     out_docs: list[dict[str, Any]] = []

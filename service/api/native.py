@@ -106,9 +106,10 @@ async def predict(
     deadline = deadline_for(request, settings)
     served = registry.resolve(model, version)
     with served.acquire():
-        blobs, names = await read_images(request, settings.max_images_per_request, settings.max_form_fields)
-        h, w = served.meta.input.height, served.meta.input.width
-        rows = await decode_all(blobs, h, w, settings, request.app.state.decode_pool, state.metrics)
+        with served.batcher.incoming():  # rows on their way: the batcher may wait for them
+            blobs, names = await read_images(request, settings.max_images_per_request, settings.max_form_fields)
+            h, w = served.meta.input.height, served.meta.input.width
+            rows = await decode_all(blobs, h, w, settings, request.app.state.decode_pool, state.metrics)
         outcome = await run_rows(request, served, rows, deadline, state.metrics)
     tops = top_k(outcome.probabilities, served.meta.labels, top_k_)
     body = {

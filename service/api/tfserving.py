@@ -107,26 +107,27 @@ async def _predict(request: Request, state: AppState, registry: Registry, name: 
     if ctype not in ("application/json", "", "text/plain"):
         raise UnsupportedMediaType(f"content type {ctype} is not accepted: send application/json")
     with served.acquire():
-        try:
-            body = orjson.loads(await request.body())
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"the body is not valid JSON: {exc}") from exc
-        if not isinstance(body, dict):
-            raise BadRequest("the body must be a JSON object with 'instances' or 'inputs'")
-        sig = body.get("signature_name", "serving_default")
-        if sig not in ("serving_default", "", None):
-            raise BadRequest(f"unknown signature {sig!r}: this model has 'serving_default'")
-        if ("instances" in body) == ("inputs" in body):
-            raise BadRequest("the body must hold exactly one of 'instances' (row format) or 'inputs' (columnar)")
-        columnar = "inputs" in body
-        items = body["inputs"] if columnar else body["instances"]
-        if columnar and isinstance(items, dict):
-            if set(items) != {"images"}:
-                raise BadRequest(f"unknown inputs {sorted(items)}: this model takes 'images'")
-            items = items["images"]
-        if not isinstance(items, list):
-            raise BadRequest("'instances' / 'inputs' must be a list")
-        rows = await _rows(request, state, served, items)
+        with served.batcher.incoming():  # rows on their way: the batcher may wait for them
+            try:
+                body = orjson.loads(await request.body())
+            except orjson.JSONDecodeError as exc:
+                raise BadRequest(f"the body is not valid JSON: {exc}") from exc
+            if not isinstance(body, dict):
+                raise BadRequest("the body must be a JSON object with 'instances' or 'inputs'")
+            sig = body.get("signature_name", "serving_default")
+            if sig not in ("serving_default", "", None):
+                raise BadRequest(f"unknown signature {sig!r}: this model has 'serving_default'")
+            if ("instances" in body) == ("inputs" in body):
+                raise BadRequest("the body must hold exactly one of 'instances' (row format) or 'inputs' (columnar)")
+            columnar = "inputs" in body
+            items = body["inputs"] if columnar else body["instances"]
+            if columnar and isinstance(items, dict):
+                if set(items) != {"images"}:
+                    raise BadRequest(f"unknown inputs {sorted(items)}: this model takes 'images'")
+                items = items["images"]
+            if not isinstance(items, list):
+                raise BadRequest("'instances' / 'inputs' must be a list")
+            rows = await _rows(request, state, served, items)
         outcome = await run_rows(request, served, rows, deadline, state.metrics)
     key = "outputs" if columnar else "predictions"
     return ORJSONResponse({key: outcome.probabilities}, headers=outcome.headers())

@@ -208,3 +208,19 @@ async def test_wrong_number_of_outputs_is_an_error(clock: FakeClock) -> None:
     # the pair fails as a whole; each row alone then gets exactly one output
     assert [f.result().value for f in futs] == [0, 0]
     await b.stop(1)
+
+
+async def test_idle_flush_when_no_rows_are_on_their_way(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock, max_delay_s=1000.0)
+    b.flush_when_idle = True
+    with b.incoming():
+        first = b.submit([1])
+        with b.incoming():
+            await settle()
+            assert model.batches == []  # another request is still decoding: wait for it
+            second = b.submit([2])
+        await settle()
+        assert model.batches == []  # the outer request is still on its way
+    await wait_done(first + second)  # nobody else is coming: no need to wait out the delay
+    assert model.batches == [[1, 2]]
+    await b.stop(1)

@@ -1,0 +1,54 @@
+"""The in-process limit: the published model called directly (no HTTP) at batch sizes 1..64 on images
+decoded by the service's own decoder. Prints one JSON object."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> int:
+    version_dir, images_dir, max_batch, repeats = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    from service.imaging import load_image
+    from service.model import SavedModelClassifier, configure_tensorflow
+
+    device = configure_tensorflow()
+    clf = SavedModelClassifier(version_dir)
+    h, w = clf.input_shape
+    files = sorted(images_dir.rglob("*.jpg"))[:max_batch]
+    t = time.perf_counter()
+    decoded = [load_image(f, h, w) for f in files]
+    decode_ms = (time.perf_counter() - t) / len(files) * 1e3
+    while len(decoded) < max_batch:
+        decoded += decoded[: max_batch - len(decoded)]
+    batch = np.stack(decoded)
+    rows = []
+    n = 1
+    while n <= max_batch:
+        x = batch[:n]
+        t = time.perf_counter()
+        clf.predict(x)
+        first_ms = (time.perf_counter() - t) * 1e3
+        reps = max(1, repeats if n <= 8 else max(1, repeats // 2))
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            clf.predict(x)
+            times.append(time.perf_counter() - t)
+        best = float(np.median(times))
+        rows.append({"batch_size": n, "latency_ms": best * 1e3, "first_call_ms": first_ms,
+                     "images_per_s": n / best})
+        n *= 2
+    top = max(rows, key=lambda r: r["images_per_s"])
+    print(json.dumps({"device": device, "decode_ms_per_image": decode_ms, "batches": rows,
+                      "best_batch_size": top["batch_size"], "best_images_per_s": top["images_per_s"],
+                      "batch1_latency_ms": rows[0]["latency_ms"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
