@@ -42,7 +42,7 @@ def main() -> int:
     from service.settings import Settings
 
     try:
-        settings = Settings()
+        settings = Settings.load()
     except ValidationError as exc:
         print(f"invalid settings (IMGSERVE_* environment variables):\n{exc}", file=sys.stderr)
         return 2

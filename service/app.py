@@ -43,7 +43,7 @@ def _error_body(message: str, code: str, **extra: object) -> dict[str, object]:
 
 
 def create_app(settings: Settings | None = None, loader: Loader | None = None) -> FastAPI:
-    settings = settings or Settings()
+    settings = settings or Settings.load()
     metrics = Metrics()
     ProcessCollector(registry=metrics.registry)
 
@@ -125,6 +125,7 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
         metrics.rejections.labels(reason).inc()
 
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_upload_bytes,
+                       body_timeout_s=settings.body_timeout_s,
                        draining=lambda: bool(app.state.draining), on_reject=reject)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:

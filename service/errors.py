@@ -28,6 +28,11 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class RequestTimeout(ServiceError):
+    status_code = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
     code = "payload_too_large"

@@ -41,6 +41,19 @@ class ImageTooLarge(ImageError):
     code = "image_too_large"
 
 
+def sniff(data: bytes) -> str | None:
+    """The format named by the file's magic bytes, when it is one we accept."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data.startswith(b"BM"):
+        return "BMP"
+    return None
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     format: str
@@ -60,6 +73,9 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image declares more pixels than the limit of {max_pixels}") from exc
     except Exception as exc:  # Pillow raises many types for data that is not an image
+        magic = sniff(data)
+        if magic is not None:
+            raise ImageError(f"the {magic} image is corrupt or truncated (its header cannot be read)") from exc
         raise UnsupportedImageFormat(
             "the data is not an image in a supported format (JPEG, PNG, WebP, BMP)"
         ) from exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -9,15 +11,16 @@ from typing import Any
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, RequestTimeout
 
 EXEMPT_PREFIXES = ("/health", "/metrics", "/v2/health")
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, draining: Callable[[], bool],
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_timeout_s: float, draining: Callable[[], bool],
                  on_reject: Callable[[str], Any]) -> None:
         self.app = app
+        self.body_timeout_s = body_timeout_s
         self.max_body_bytes = max_body_bytes
         self.draining = draining
         self.on_reject = on_reject
@@ -56,11 +59,21 @@ class ServiceMiddleware:
                             {"connection": "close"})
                 return
         received = 0
+        body_done = False
+        body_deadline = time.monotonic() + self.body_timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # after the body, receive() only waits for a disconnect: no time limit
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, body_deadline - time.monotonic()))
+            except TimeoutError:
+                self.on_reject("body_timeout")
+                raise RequestTimeout(f"the request body did not arrive within {self.body_timeout_s:g} s "
+                                     "(IMGSERVE_BODY_TIMEOUT_S)", headers={"connection": "close"}) from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     self.on_reject("body_too_large")

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     request_timeout_ms: int = Field(30_000, ge=1, description="default deadline of a request")
     max_request_timeout_ms: int = Field(120_000, ge=1, description="cap on the X-Request-Timeout-Ms header")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="request body size limit")
+    body_timeout_s: float = Field(30.0, gt=0, description="time limit for receiving a request body (slow clients)")
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height limit, checked before decoding")
     max_images_per_request: int = Field(64, ge=1, description="images in one request at most")
     max_form_fields: int = Field(256, ge=1, description="multipart fields in one request at most")
@@ -49,6 +50,13 @@ class Settings(BaseSettings):
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS (off when empty)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_json: bool = Field(False, description="log one JSON object per line")
+
+    @classmethod
+    def load(cls) -> Settings:
+        """From the environment, and from files in $IMGSERVE_SECRETS_DIR (e.g. a mounted secret holding
+        `imgserve_api_key` and `imgserve_admin_api_key`)."""
+        secrets = os.environ.get("IMGSERVE_SECRETS_DIR")
+        return cls(_secrets_dir=secrets) if secrets else cls()
 
     @field_validator("pinned_versions")
     @classmethod

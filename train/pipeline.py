@@ -134,11 +134,31 @@ def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
 
 
-def _features(model: keras.Model, x: np.ndarray, batch_size: int, training: bool = False) -> np.ndarray:
+class Progress:
+    """Logs images done, rate and ETA every `every_s` seconds (Keras prints nothing per batch in logs)."""
+
+    def __init__(self, what: str, total: int, every_s: float = 15.0) -> None:
+        self.what, self.total, self.every_s = what, total, every_s
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every_s and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        logger.info("%s: %d/%d images, %.1f images/s, ETA %.0f s", self.what, done, self.total, rate, eta)
+
+
+def _features(model: keras.Model, x: np.ndarray, batch_size: int, training: bool = False,
+              what: str = "features") -> np.ndarray:
     """Run `model` over `x` in batches; with training=True random augmentation layers are active."""
-    if not training:
-        return np.asarray(model.predict(x, batch_size=batch_size, verbose=_verbose()))
-    out = [np.asarray(model(x[i : i + batch_size], training=True)) for i in range(0, len(x), batch_size)]
+    progress = Progress(what, len(x))
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(np.asarray(model(x[i : i + batch_size], training=training)))
+        progress.update(min(i + batch_size, len(x)))
     return np.concatenate(out)
 
 
@@ -200,12 +220,13 @@ def run(cfg: TrainConfig) -> TrainResult:
         images = keras.Input(input_shape, dtype="uint8")
         fx = keras.Model(images, prefix(normalise(images)))
         fx_aug = keras.Model(images, prefix(normalise(aug(ToFloat()(images)))))
-        p_tr = [_features(fx, x_tr, cfg.batch_size)]
-        for _ in range(cfg.augment_copies):
-            p_tr.append(_features(fx_aug, x_tr, cfg.batch_size, training=True))
+        p_tr = [_features(fx, x_tr, cfg.batch_size, what="backbone features (train)")]
+        for copy in range(cfg.augment_copies):
+            p_tr.append(_features(fx_aug, x_tr, cfg.batch_size, training=True,
+                                  what=f"backbone features (augmented copy {copy + 1})"))
         p_tr_all = np.concatenate(p_tr)
         y_tr_all = np.concatenate([yoh_tr] * len(p_tr))
-        p_va = _features(fx, x_va, cfg.batch_size)
+        p_va = _features(fx, x_va, cfg.batch_size, what="backbone features (validation)")
         timings["features"] = time.perf_counter() - t
         f_tr, f_va = _features(suffix, p_tr_all, cfg.batch_size), _features(suffix, p_va, cfg.batch_size)
         fit(head, cfg.head_learning_rate, f_tr, y_tr_all, f_va, yoh_va, cfg.head_epochs, "head")
