@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
 from prometheus_client import ProcessCollector
 from prometheus_fastapi_instrumentator import Instrumentator
@@ -119,7 +119,8 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
 
     Instrumentator(registry=metrics.registry, excluded_handlers=["/metrics"], should_group_status_codes=False) \
         .instrument(app, metric_namespace="imgserve") \
-        .expose(app, include_in_schema=True, tags=["health"])
+        .expose(app, include_in_schema=True, tags=["health"], response_class=PlainTextResponse,
+                summary="Prometheus metrics (text exposition format)")
 
     def reject(reason: str) -> None:
         metrics.rejections.labels(reason).inc()

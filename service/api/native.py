@@ -162,7 +162,9 @@ async def static_file(name: str) -> FileResponse:
     "/v1/models/{model}/versions/{version}/report/{file}",
     tags=["models"],
     summary="A file of the version's training report (metrics.json, report.md, plots)",
-    responses={404: {"description": "unknown model, version or file"}},
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}, "application/json": {}, "text/markdown": {}}},
+               404: {"description": "unknown model, version or file", "content": {"application/json": {}}}},
 )
 async def report_file(model: str, version: int, file: str, state: AppState) -> FileResponse:
     if not store.is_model_name(model) or version < 1 or not REPORT_FILE_RE.fullmatch(file):
