@@ -12,7 +12,8 @@ import numpy as np
 
 
 def main() -> int:
-    version_dir, images_dir, max_batch, repeats = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    version_dir, images_dir = Path(sys.argv[1]), Path(sys.argv[2])
+    max_batch, repeats = int(sys.argv[3]), int(sys.argv[4])
     from service.imaging import load_image
     from service.model import SavedModelClassifier, configure_tensorflow
 

@@ -54,10 +54,8 @@ class MonotonicClock:
         return time.monotonic()
 
     async def wait(self, event: asyncio.Event, timeout: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
 
 
 class BatchObserver(Protocol):

@@ -4,6 +4,7 @@ and the container's entrypoint run for real outside Docker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -219,10 +220,8 @@ def test_entrypoint_trains_demo_when_store_is_unusable_then_serves(tmp_path: Pat
         deadline = time.monotonic() + 300
         ready = False
         while time.monotonic() < deadline and proc.poll() is None:
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 ready = httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                pass
             if ready:
                 break
             time.sleep(0.5)

@@ -38,10 +38,7 @@ def test_formats_decode_to_rgb_at_target_size(fmt: str) -> None:
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16", "CMYK"])
 def test_colour_modes_are_converted(mode: str) -> None:
     img = left_red_right_blue().convert("RGB")
-    if mode == "I;16":
-        img = Image.fromarray((np.asarray(img.convert("L"), np.uint16) * 257))
-    else:
-        img = img.convert(mode)
+    img = Image.fromarray(np.asarray(img.convert("L"), np.uint16) * 257) if mode == "I;16" else img.convert(mode)
     fmt = "JPEG" if mode == "CMYK" else "PNG"
     out = decode_image(encode(img, fmt), 10, 10)
     assert out.shape == (10, 10, 3) and out.dtype == np.uint8
