@@ -6,14 +6,14 @@ STORE ?= model_store
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo serve test lint bench clean
+.PHONY: install demo serve test lint audit lock bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev,hed]'
+	$(BIN)/pip install --quiet -e '.[dev,hed]' -c requirements.lock
 
 # Quick start: install, train the demo model if the store has none, serve on port 8000.
 demo: install
@@ -24,10 +24,19 @@ serve:
 	IMGSERVE_MODEL_STORE=$(STORE) $(BIN)/python -m service
 
 test: install
+	$(BIN)/ruff check service train tests bench fuzz
 	$(BIN)/python -m pytest
 
 lint:
-	$(BIN)/ruff check service train tests bench
+	$(BIN)/ruff check service train tests bench fuzz
+
+# Known vulnerabilities in the locked versions (exits non-zero when one is found).
+audit:
+	$(BIN)/pip-audit -r requirements.lock --no-deps --disable-pip --progress-spinner off
+
+# Refresh the lock file from the current environment.
+lock:
+	$(BIN)/pip freeze --exclude-editable | grep -v '^imgserve' > requirements.lock
 
 bench:
 	$(BIN)/python -m bench
