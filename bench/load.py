@@ -56,6 +56,7 @@ async def run(url: str, images: list[bytes], clients: int, duration_s: float, ma
         "ok": ok,
         "statuses": statuses,
         "errors": len(errors),
+        "error_kinds": {k: errors.count(k) for k in sorted(set(errors))},
         "images_per_s": ok / elapsed if elapsed else 0.0,
         "p50_ms": float(np.percentile(lat, 50)) if ok else None,
         "p95_ms": float(np.percentile(lat, 95)) if ok else None,

@@ -89,7 +89,7 @@ def main() -> int:
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 1,
-        timeout_keep_alive=5,
+        timeout_keep_alive=int(settings.keep_alive_timeout_s),
     )
     server = Server(config)
     server.run()

@@ -117,6 +117,10 @@ async def run_rows(
     request: Request | None, served: ServedVersion, rows: Sequence[np.ndarray], deadline: float, metrics: Metrics
 ) -> Outcome:
     """Queue the rows on the version's batcher and wait for all of them (or the client leaving)."""
+    if time.monotonic() >= deadline:  # spent reading and decoding: queueing it would only waste compute
+        metrics.rejections.labels("deadline").inc()
+        raise DeadlineExpired("the request's deadline passed before its images could be queued; "
+                              f"raise {TIMEOUT_HEADER} or retry later")
     try:
         futures = served.batcher.submit(rows, deadline)
     except QueueFull as exc:

@@ -266,10 +266,14 @@ class Registry:
 
 
 def _signature(path: Path) -> tuple[float, ...]:
-    """Changes when the version's files change, so a fixed broken version is tried again."""
+    """Changes whenever any file of the version changes, so a version refused while it was still
+    being copied (or fixed in place) is tried again."""
     meta = path / store.METADATA_FILE
     if not meta.is_file():
         raise StoreError(f"{meta} is missing (incomplete or still being copied)")
-    pb = path / "saved_model.pb"
-    return (meta.stat().st_mtime, pb.stat().st_mtime if pb.exists() else 0.0,
-            pb.stat().st_size if pb.exists() else -1.0)
+    count, size, newest = 0, 0, 0.0
+    for f in path.rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            count, size, newest = count + 1, size + st.st_size, max(newest, st.st_mtime)
+    return (float(count), float(size), newest)
