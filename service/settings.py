@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     onednn: bool = Field(True, description="set TF_ENABLE_ONEDNN_OPTS=1 (faster on x86 CPUs)")
     drain_timeout_s: float = Field(20.0, ge=0, description="grace period for queued and running rows on SIGTERM")
     keep_alive_timeout_s: float = Field(
-        65.0, gt=0, description="idle keep-alive connections are closed after this; keep it above load balancers' idle timeout"
+        65.0, gt=0, description="idle keep-alive connections close after this (keep above load balancers' idle timeout)"
     )
     shutdown_delay_s: float = Field(0.0, ge=0, description="pause between readiness 503 and closing the listener")
     api_key: SecretStr | None = Field(None, description="if set, predict endpoints need this key")

@@ -14,6 +14,27 @@ from service.metrics import Metrics
 from service.registry import Registry
 from service.settings import Settings
 
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Bad input: not decodable, malformed body or parameter (`{\"error\": ...}`)",
+    401: "Missing or wrong API key",
+    404: "Unknown model or version",
+    408: "The request body did not arrive in time",
+    413: "Body, image pixels or image count over the limit",
+    415: "Not a JPEG, PNG, WebP or BMP image, or a content type not accepted",
+    422: "Invalid query parameter",
+    429: "Queue full; retry after the Retry-After header",
+    503: "No model loaded yet, or shutting down",
+    504: "The deadline passed before the images were run",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the given error statuses, all JSON `{"error", "code"}`."""
+    return {c: {"description": ERROR_DESCRIPTIONS[c]} for c in codes}
+
+
+PREDICT_ERRORS = error_responses(400, 401, 404, 408, 413, 415, 422, 429, 503, 504)
+
 
 class ORJSONResponse(JSONResponse):
     """JSON with orjson: several times faster than the standard library for large probability arrays."""

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service import __version__
-from service.api.deps import AdminAuth, AppState, ORJSONResponse, PredictAuth, RegistryDep
+from service.api.deps import PREDICT_ERRORS, AdminAuth, AppState, ORJSONResponse, PredictAuth, RegistryDep
 from service.errors import BadRequest, NotFound, NotReady, PayloadTooLarge
 from service.inference import deadline_for, decode_all, run_rows, top_k
 from service.registry import Registry, ServedVersion
@@ -22,14 +22,7 @@ from service.registry import Registry, ServedVersion
 router = APIRouter(tags=["kserve-v2"])
 HEADER_LENGTH = "inference-header-content-length"
 EXTENSIONS = ["classification", "binary_tensor_data", "model_repository"]
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Malformed request: `{\"error\": ...}`"},
-    404: {"description": "Unknown model or version"},
-    413: {"description": "Too large"},
-    429: {"description": "Queue full"},
-    503: {"description": "Not ready"},
-    504: {"description": "Deadline passed"},
-}
+ERRORS = PREDICT_ERRORS
 INFER_EXAMPLE = {
     "id": "42",
     "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["<base64 of a JPEG>"]}],

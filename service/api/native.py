@@ -11,7 +11,7 @@ from fastapi.responses import FileResponse, Response
 from starlette.datastructures import UploadFile
 
 from service import store
-from service.api.deps import AppState, ORJSONResponse, PredictAuth, RegistryDep
+from service.api.deps import PREDICT_ERRORS, AppState, ORJSONResponse, PredictAuth, RegistryDep
 from service.errors import BadRequest, NotFound, NotReady, UnsupportedMediaType
 from service.inference import deadline_for, decode_all, run_rows, top_k
 
@@ -20,16 +20,7 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 REPORT_FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}\.(png|json|md)$")
 STATIC_FILE_RE = re.compile(r"^[a-z0-9-]{1,64}\.(js|css|png|svg)$")
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Bad input: not decodable, no image, bad parameter"},
-    404: {"description": "Unknown model or version"},
-    413: {"description": "Body, image pixels or image count over the limit"},
-    415: {"description": "Not a JPEG, PNG, WebP or BMP image"},
-    422: {"description": "Invalid query parameter"},
-    429: {"description": "Queue full; retry after the Retry-After header"},
-    503: {"description": "No model loaded yet, or shutting down"},
-    504: {"description": "The deadline passed before the images were run"},
-}
+ERRORS = PREDICT_ERRORS
 PREDICT_BODY = {
     "requestBody": {
         "required": True,

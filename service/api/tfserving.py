@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.api.deps import AppState, ORJSONResponse, PredictAuth, RegistryDep
+from service.api.deps import PREDICT_ERRORS, AppState, ORJSONResponse, PredictAuth, RegistryDep
 from service.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from service.inference import deadline_for, decode_all, run_rows
 from service.registry import Registry, ServedVersion
@@ -25,14 +25,7 @@ PREDICT_DOC = {
         "content": {"application/json": {"schema": {"type": "object"}, "example": PREDICT_EXAMPLE}},
     }
 }
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "Malformed request: `{\"error\": ...}`"},
-    404: {"description": "Unknown model or version"},
-    413: {"description": "Too many instances or too large"},
-    429: {"description": "Queue full"},
-    503: {"description": "Not ready"},
-    504: {"description": "Deadline passed"},
-}
+ERRORS = PREDICT_ERRORS
 
 
 def _version(text: str) -> int:
