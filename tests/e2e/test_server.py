@@ -148,7 +148,8 @@ def test_sigterm_under_load_loses_no_accepted_request(trained: Trained, tmp_path
     store = tmp_path / "store"
     shutil.copytree(trained.store, store)
     # a long batch delay keeps rows queued when the signal arrives, so draining has work to do
-    server = start_server(store, tmp_path, IMGSERVE_MAX_BATCH_DELAY_MS="300", IMGSERVE_MAX_BATCH_SIZE="64")
+    server = start_server(store, tmp_path, IMGSERVE_MAX_BATCH_DELAY_MS="300", IMGSERVE_MAX_BATCH_SIZE="64",
+                          IMGSERVE_FLUSH_WHEN_IDLE="false")
     image = clothing_images(1)[0]
     outcomes: list[object] = []
 
