@@ -194,7 +194,9 @@ def test_oversized_upload_refused_without_reading_it(server: LiveServer) -> None
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                   b"Content-Length: 500000000\r\n\r\n")  # 500 MB announced, none sent
         t = time.monotonic()
-        answer = s.recv(4096)
+        answer = b""
+        while chunk := s.recv(4096):  # the server answers and closes without waiting for the body
+            answer += chunk
         assert time.monotonic() - t < 5
     assert answer.startswith(b"HTTP/1.1 413")
     assert b"limit" in answer
