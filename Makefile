@@ -6,7 +6,7 @@ STORE ?= model_store
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install demo serve test lint audit lock bench clean
+.PHONY: install system-deps demo serve test lint audit lock bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,10 @@ demo: install
 serve:
 	IMGSERVE_MODEL_STORE=$(STORE) $(BIN)/python -m service
 
-test: install
+system-deps:
+	bash scripts/install-system-deps.sh
+
+test: system-deps install
 	$(BIN)/ruff check service train tests bench fuzz
 	$(BIN)/python -m pytest
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "datasets" / "clothing-small" / "validation"
 MODELS = {
     # name: (backbone, input size, concurrency levels, batching-off level)
-    "vgg16": ("vgg16", 224, [1, 4, 16, 32, 64], 32),
+    "vgg16": ("vgg16", 224, [1, 4, 8, 16, 32, 64], 32),
     "cnn": ("cnn", 64, [1, 4, 16, 64], 16),
 }
 
