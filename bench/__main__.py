@@ -81,6 +81,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**_env(), "IMGSERVE_MODEL_STORE": str(store), "IMGSERVE_HOST": "127.0.0.1",
                "IMGSERVE_PORT": str(self.port), "IMGSERVE_PINNED_VERSIONS": "", "IMGSERVE_DEFAULT_MODEL": model,
+               "IMGSERVE_MODELS": model,
                "IMGSERVE_MAX_QUEUE_ROWS": "1024", "IMGSERVE_REQUEST_TIMEOUT_MS": "120000", **settings}
         t0 = time.perf_counter()
         self.log = log

@@ -120,8 +120,9 @@ class Registry:
         """Load the best version of every model in the store that is better than the one served."""
         async with self._scan_lock:
             names = store.list_models(self.settings.model_store)
+            allow = self.settings.model_allowlist
             for name in names:
-                if name in self.unloaded:
+                if name in self.unloaded or (allow and name not in allow):
                     continue
                 await self._update(name)
 

@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address uvicorn listens on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     model_store: Path = Field(Path("model_store"), description="model store folder (read only)")
+    models: str = Field("", description="serve only these models, comma-separated (empty: every model in the store)")
     pinned_versions: str = Field(
         "", description="serve these versions instead of the latest, e.g. 'clothing=3,demo-shapes=1'"
     )
@@ -91,6 +92,10 @@ class Settings(BaseSettings):
             name, _, ver = part.partition("=")
             out[name.strip()] = int(ver)
         return out
+
+    @property
+    def model_allowlist(self) -> set[str]:
+        return {m.strip() for m in self.models.split(",") if m.strip()}
 
     @property
     def warmup_sizes(self) -> list[int]:

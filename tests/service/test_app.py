@@ -203,3 +203,15 @@ async def test_warmup_failure_is_refused(tmp_path: Path) -> None:
                 await asyncio.sleep(0.02)
             assert "warm-up exploded" in models[0]["versions"][0]["reason"]
             assert (await c.get("/health/ready")).status_code == 503
+
+
+async def test_models_allowlist(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    write_fake_version(tmp_path, "other", 1, LABELS)
+    app = create_app(Settings(model_store=tmp_path, models="other"), loader=lambda p, m: FakeClassifier(m))
+    async with LifespanManager(app) as manager:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
+            await wait_ready(c)
+            assert (await c.get("/health/ready")).json()["models"] == {"other": 1}
+            r = await c.post("/predict?model=fake", content=jpeg(1), headers={"Content-Type": "image/jpeg"})
+            assert r.status_code == 404
