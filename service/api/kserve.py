@@ -14,7 +14,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service import __version__
-from service.api.deps import PREDICT_ERRORS, AdminAuth, AppState, ORJSONResponse, PredictAuth, RegistryDep
+from service.api.deps import (
+    EXAMPLE_JPEG_B64,
+    PREDICT_ERRORS,
+    AdminAuth,
+    AppState,
+    ORJSONResponse,
+    PredictAuth,
+    RegistryDep,
+)
 from service.errors import BadRequest, NotFound, NotReady, PayloadTooLarge
 from service.inference import deadline_for, decode_all, run_rows, top_k
 from service.registry import Registry, ServedVersion
@@ -25,7 +33,7 @@ EXTENSIONS = ["classification", "binary_tensor_data", "model_repository"]
 ERRORS = PREDICT_ERRORS
 INFER_EXAMPLE = {
     "id": "42",
-    "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["<base64 of a JPEG>"]}],
+    "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [EXAMPLE_JPEG_B64]}],
     "outputs": [{"name": "probabilities", "parameters": {"classification": 3}}],
 }
 INFER_DOC = {

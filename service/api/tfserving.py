@@ -11,14 +11,14 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.api.deps import PREDICT_ERRORS, AppState, ORJSONResponse, PredictAuth, RegistryDep
+from service.api.deps import EXAMPLE_JPEG_B64, PREDICT_ERRORS, AppState, ORJSONResponse, PredictAuth, RegistryDep
 from service.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from service.inference import deadline_for, decode_all, run_rows
 from service.registry import Registry, ServedVersion
 
 router = APIRouter(tags=["tensorflow-serving"])
 
-PREDICT_EXAMPLE = {"instances": [{"b64": "<base64 of a JPEG>"}]}
+PREDICT_EXAMPLE = {"instances": [{"b64": EXAMPLE_JPEG_B64}]}
 PREDICT_DOC = {
     "requestBody": {
         "required": True,

@@ -157,3 +157,13 @@ async def test_repository_extension_needs_admin_key(client: httpx.AsyncClient) -
     assert (await client.get("/v2/models/fake/ready")).status_code == 200
     assert (await client.post("/v2/repository/models/nope/load", headers=auth)).status_code == 404
     assert (await client.post("/v2/repository/models/..%2Fx/load", headers=auth)).status_code == 404
+
+
+async def test_documented_examples_work_when_tried(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    tfs = spec["paths"]["/v1/models/{target}"]["post"]["requestBody"]["content"]["application/json"]["example"]
+    r = await client.post("/v1/models/fake:predict", json=tfs)
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 1
+    ks = spec["paths"]["/v2/models/{model}/infer"]["post"]["requestBody"]["content"]["application/json"]["example"]
+    r = await client.post("/v2/models/fake/infer", json=ks)
+    assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [1, 3]
