@@ -45,16 +45,13 @@ class Outcome:
     batch_size: int
     served: ServedVersion
 
-    def headers(self, request_id: str | None = None) -> dict[str, str]:
-        h = {
+    def headers(self) -> dict[str, str]:
+        return {
             "X-Model-Name": self.served.name,
             "X-Model-Version": str(self.served.version),
             "Server-Timing": f"queue;dur={self.queue_s * 1e3:.2f}, inference;dur={self.run_s * 1e3:.2f}, "
             f'batch;desc="{self.batch_size}"',
         }
-        if request_id:
-            h["X-Request-ID"] = request_id
-        return h
 
 
 def deadline_for(request: Request, settings: Settings) -> float:
