@@ -19,18 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.__main__ import rss_bytes as rss
 from tests.conftest import REPO, LiveServer, Trained, clone_version, clothing_images, start_server
 from tests.e2e.test_server import Load, metric, wait_for
 
 pytestmark = pytest.mark.slow
 OVERLOAD_S = float(os.environ.get("IMGSERVE_TEST_OVERLOAD_S", "20"))
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path) -> None:
