@@ -1,17 +1,24 @@
 """Long runs for the reliability scorecard: a soak (memory slope) and an overload (status mix).
 
     python -m bench.soak --minutes 10 --clients 8                       # soak at ~70% of capacity
-    python -m bench.soak --minutes 5 --clients 96 --queue-rows 16 --timeout-ms 2000   # overload
+    python -m bench.soak --minutes 5 --rate 1.5 --queue-rows 16 --timeout-ms 2000   # overload at 150%
 
-Serves the tiny benchmark CNN, drives it with `bench.load` (closed loop, separate process), samples
-the server's resident memory every 10 s, and prints/writes one JSON object with the statuses,
-latencies and the memory slope (least squares, MiB per minute, after the first minute).
+Serves the tiny benchmark CNN and samples its resident memory every 10 s. The soak drives it with
+`bench.load` (closed loop, separate process). `--rate X` first measures capacity (wrk, 64 clients,
+20 s) and then offers X times that many requests per second for the whole run with `hey` (Go, from
+Debian), paced by many workers so that it is open loop in practice: the server, not the client,
+decides what is refused. Prints/writes one JSON object with the statuses, latencies of accepted
+requests, the server's own counts, and the memory slope (least squares, MiB per minute, after the
+first minute).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,13 +27,60 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.__main__ import DEFAULT_IMAGES, REPO, Server, _env, ensure_model, rss_bytes
+from bench.__main__ import DEFAULT_IMAGES, REPO, Server, _env, ensure_model, load, rss_bytes
+
+
+def open_loop(url: str, image: Path, rate: float, seconds: float, timeout_s: float) -> dict[str, object]:
+    """`rate` requests/s for `seconds` with hey: enough workers that each sends at most 4/s, so a
+    worker waits on an answer only if that answer takes longer than 250 ms."""
+    if not shutil.which("hey"):
+        raise SystemExit("the open-loop overload needs `hey` (apt-get install hey)")
+    workers = max(8, int(rate / 4) + 1)
+    out = subprocess.run(
+        ["hey", "-z", f"{int(seconds)}s", "-c", str(workers), "-q", f"{rate / workers:.3f}", "-m", "POST",
+         "-T", "image/jpeg", "-D", str(image), "-t", str(int(timeout_s)), "-o", "csv", url + "/predict"],
+        capture_output=True, text=True, check=True)
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    statuses: dict[str, int] = {}
+    ok_ms: list[float] = []
+    all_ms: list[float] = []
+    for r in rows:
+        code = r["status-code"]
+        statuses[code] = statuses.get(code, 0) + 1
+        ms = float(r["response-time"]) * 1e3
+        all_ms.append(ms)
+        if code == "200":
+            ok_ms.append(ms)
+    span = max((float(r["offset"]) for r in rows), default=seconds)
+    lat = np.asarray(ok_ms)
+    return {"tool": "hey", "workers": workers, "offered_per_s": rate, "answered": len(rows),
+            "answered_per_s": len(rows) / span if span else 0.0, "statuses": statuses,
+            "ok": len(ok_ms), "images_per_s": len(ok_ms) / span if span else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+            "p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+            "max_ms": float(lat.max()) if len(lat) else None,
+            "p99_all_ms": float(np.percentile(all_ms, 99)) if all_ms else None}
+
+
+def server_counts(url: str) -> dict[str, float]:
+    """Requests by status and rejections by reason, from the service's own /metrics."""
+    import httpx
+
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(("imgserve_http_requests_total{", "imgserve_rejections_total{",
+                            "imgserve_dropped_rows_total{")):
+            key, value = line.rsplit(" ", 1)
+            out[key] = out.get(key, 0.0) + float(value)
+    return out
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--minutes", type=float, default=10)
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--clients", type=int, default=8, help="closed-loop clients (soak)")
+    p.add_argument("--rate", type=float, help="open loop at this multiple of the measured capacity (overload)")
     p.add_argument("--queue-rows", type=int, default=256)
     p.add_argument("--timeout-ms", type=int, default=30000)
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
@@ -48,18 +102,30 @@ def main() -> int:
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
+    capacity = None
+    before: dict[str, float] = {}
     try:
-        out = subprocess.run([sys.executable, "-m", "bench.load", "--url", server.url, "--images", str(args.images),
-                              "--clients", str(args.clients), "--duration", str(args.minutes * 60),
-                              "--timeout", "60"], cwd=REPO, env=_env(), capture_output=True, text=True, check=True)
-        load = json.loads(out.stdout.strip().splitlines()[-1])
+        if args.rate:
+            capacity = load(server, args.images, 64, 20, "wrk")
+            before = server_counts(server.url)
+            image = sorted(args.images.rglob("*.jpg"))[0]
+            result_load = open_loop(server.url, image, args.rate * capacity["images_per_s"], args.minutes * 60,
+                                    timeout_s=max(10.0, 5 * args.timeout_ms / 1000))
+        else:
+            out = subprocess.run([sys.executable, "-m", "bench.load", "--url", server.url, "--images",
+                                  str(args.images), "--clients", str(args.clients), "--duration",
+                                  str(args.minutes * 60), "--timeout", "60"], cwd=REPO, env=_env(),
+                                 capture_output=True, text=True, check=True)
+            result_load = json.loads(out.stdout.strip().splitlines()[-1])
+        after = server_counts(server.url)
     finally:
         done.set()
         server.stop()
     xs = np.array([s for s, _ in samples if s >= 60]) / 60
     ys = np.array([r for s, r in samples if s >= 60]) / 2**20
     slope = float(np.polyfit(xs, ys, 1)[0]) if len(xs) >= 3 else None
-    result = {"started": stamp, "command": " ".join(["python -m bench.soak", *sys.argv[1:]]), "load": load,
+    result = {"started": stamp, "command": " ".join(["python -m bench.soak", *sys.argv[1:]]), "load": result_load,
+              "capacity": capacity, "server_counts": {k: v - before.get(k, 0.0) for k, v in after.items()},
               "rss_after_warmup_mib": server.rss_after_warmup / 2**20,
               "rss_first_mib": float(ys[0]) if len(ys) else None, "rss_last_mib": float(ys[-1]) if len(ys) else None,
               "rss_max_mib": float(ys.max()) if len(ys) else None, "rss_slope_mib_per_min": slope,

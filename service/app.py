@@ -52,12 +52,15 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
         if loader is None:
             from service.model import configure_tensorflow
 
-            device = configure_tensorflow(settings.intra_op_threads, settings.inter_op_threads)
+            device = configure_tensorflow(settings.intra_op_threads, settings.inter_op_threads,
+                                          settings.mixed_precision)
         else:
             device = "custom loader"
         logger.info("device: %s", device)
-        logger.info("batching: max_batch_size=%d max_batch_delay_ms=%.1f max_queue_rows=%d warm-up sizes %s",
-                    settings.max_batch_size, settings.max_batch_delay_ms, settings.max_queue_rows,
+        logger.info("batching: max_batch_size=%d max_batch_delay_ms=%.1f batches_in_flight=%d max_queue_rows=%d "
+                    "warm-up sizes %s",
+                    settings.max_batch_size, settings.max_batch_delay_ms, settings.batches_in_flight,
+                    settings.max_queue_rows,
                     settings.warmup_sizes)
         app.state.device = device
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")

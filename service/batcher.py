@@ -3,9 +3,14 @@
 A batch closes when it holds `max_batch_size` rows or when its oldest row has waited `max_delay_s`.
 While the model runs, rows accumulate, so under load batches fill without added delay. With
 `flush_when_idle`, callers announce rows that are on their way (`incoming()`, e.g. while a request
-decodes); when none are, waiting longer cannot fill the batch, so it closes at once (reason `idle`). Rows whose
+decodes); when none are and no batch is running, waiting longer cannot fill the batch and the model
+would idle, so it closes at once (reason `idle`). Rows whose
 caller went away (future cancelled) or whose deadline passed are dropped before they cost compute;
 a batch that raises is split in halves and retried so that only the failing rows err.
+
+`batches_in_flight` batches may run at once (each in its own executor thread). With 2, the next
+batch is formed and started while one runs: on a GPU that overlaps host work and transfers with
+compute; on a CPU it keeps the shared intra-op thread pool busy while one call waits on a straggler.
 """
 
 from __future__ import annotations
@@ -97,16 +102,19 @@ class Batcher(Generic[T, R]):
         observer: BatchObserver | None = None,
         name: str = "batcher",
         flush_when_idle: bool = False,
+        batches_in_flight: int = 1,
     ) -> None:
-        if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue_rows must be >= 1 and max_delay_s >= 0")
+        if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0 or batches_in_flight < 1:
+            raise ValueError("max_batch_size, max_queue_rows and batches_in_flight must be >= 1 and "
+                             "max_delay_s >= 0")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_rows = max_queue_rows
         self._clock: Clock = clock or MonotonicClock()
         self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix=f"{name}-model")
+        self.batches_in_flight = batches_in_flight
+        self._executor = executor or ThreadPoolExecutor(batches_in_flight, thread_name_prefix=f"{name}-model")
         self._observer = observer
         self.name = name
         self.flush_when_idle = flush_when_idle
@@ -182,35 +190,69 @@ class Batcher(Generic[T, R]):
             self._executor.shutdown(wait=False)
 
     async def _loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._stopping:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            oldest = self._pending[0].enqueued
+        slots = asyncio.Semaphore(self.batches_in_flight)
+        running: set[asyncio.Task[None]] = set()
+        try:
             while True:
-                if len(self._pending) >= self.max_batch_size:
-                    reason = "full"
-                    break
-                if self._stopping:
-                    reason = "drain"
-                    break
-                if self.flush_when_idle and self._incoming == 0:
-                    reason = "idle"
-                    break
-                remaining = oldest + self.max_delay_s - self._clock.now()
-                if remaining <= 0:
-                    reason = "delay"
-                    break
-                self._wakeup.clear()
-                await self._clock.wait(self._wakeup, remaining)
-            batch = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
-            self._report_depth()
-            live = self._live(batch)
-            if live:
-                await self._run(live, reason)
+                await slots.acquire()
+                formed = await self._next_batch()
+                if formed is None:
+                    slots.release()
+                    return
+                live = self._live(formed[0])
+                if not live:
+                    slots.release()
+                    continue
+                task = asyncio.get_running_loop().create_task(self._run_in_slot(live, formed[1], slots))
+                running.add(task)
+                task.add_done_callback(running.discard)
+        finally:
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _next_batch(self) -> tuple[list[_Row[T]], str] | None:
+        """Wait until a batch should close and take its rows; None once stopping with nothing queued."""
+        while not self._pending:
+            if self._stopping:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        oldest = self._pending[0].enqueued
+        while True:
+            if len(self._pending) >= self.max_batch_size:
+                reason = "full"
+                break
+            if self._stopping:
+                reason = "drain"
+                break
+            if self.flush_when_idle and self._incoming == 0 and self.running_rows == 0:
+                reason = "idle"
+                break
+            remaining = oldest + self.max_delay_s - self._clock.now()
+            if remaining <= 0:
+                reason = "delay"
+                break
+            self._wakeup.clear()
+            await self._clock.wait(self._wakeup, remaining)
+        batch = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+        self._report_depth()
+        return batch, reason
+
+    async def _run_in_slot(self, rows: list[_Row[T]], reason: str, slots: asyncio.Semaphore) -> None:
+        self.running_rows += len(rows)
+        try:
+            await self._run(rows, reason)
+        except asyncio.CancelledError:  # stop() gave up waiting for the drain
+            for row in rows:
+                _settle(row.future, exc=BatcherStopped(f"{self.name} stopped while this row ran"))
+            raise
+        except Exception:  # _run settles every row; this is a bug, not a model error
+            logger.exception("%s: batch runner failed", self.name)
+            for row in rows:
+                _settle(row.future, exc=BatchFailed("internal error while running the batch"))
+        finally:
+            self.running_rows -= len(rows)
+            slots.release()
 
     def _live(self, batch: list[_Row[T]]) -> list[_Row[T]]:
         now = self._clock.now()
@@ -233,7 +275,6 @@ class Batcher(Generic[T, R]):
     async def _run(self, rows: list[_Row[T]], reason: str) -> None:
         loop = asyncio.get_running_loop()
         start = self._clock.now()
-        self.running_rows = len(rows)
         try:
             outputs = await loop.run_in_executor(self._executor, self._run_batch, [r.item for r in rows])
             if len(outputs) != len(rows):
@@ -248,8 +289,6 @@ class Batcher(Generic[T, R]):
             await self._run(rows[:half], reason)
             await self._run(rows[half:], reason)
             return
-        finally:
-            self.running_rows = 0
         run_s = self._clock.now() - start
         waits = [start - r.enqueued for r in rows]
         logger.debug("%s: ran %d rows (%s) in %.1f ms", self.name, len(rows), reason, run_s * 1e3)

@@ -169,6 +169,7 @@ class Registry:
             observer=self.metrics.observer(name, version),
             name=f"{name}:{version}",
             flush_when_idle=s.flush_when_idle,
+            batches_in_flight=s.batches_in_flight,
         )
         batcher.start()
         new = ServedVersion(name, version, meta, model, batcher, path, time.time(), seconds)

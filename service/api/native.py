@@ -131,7 +131,8 @@ async def ready(request: Request) -> dict[str, Any]:
         raise NotReady("draining for shutdown")
     if registry is None or not registry.ready:
         raise NotReady("no model is loaded yet")
-    return {"status": "ready", "models": {n: s.version for n, s in registry.served.items()}}
+    return {"status": "ready", "models": {n: s.version for n, s in registry.served.items()},
+            "device": getattr(request.app.state, "device", "unknown")}
 
 
 @router.get("/", include_in_schema=False)

@@ -32,6 +32,8 @@ def metric(server: LiveServer, name: str) -> float:
 
 
 def test_concurrent_requests_are_batched_and_correct(live: LiveServer, trained: Trained) -> None:
+    device = httpx.get(live.url + "/health/ready").json()["device"]
+    assert device.split(":")[0].split(" ")[0] in ("CPU", "GPU") and f"device: {device}" in live.logs()
     images = clothing_images(24)
     clf = SavedModelClassifier(trained.store / trained.name / str(trained.version))
     expected = clf.predict(np.stack([load_image(p, trained.height, trained.width) for p in images]))
@@ -171,3 +173,24 @@ def test_sigterm_under_load_loses_no_accepted_request(trained: Trained, tmp_path
     assert "draining" in server.logs()
     after = one(0)
     assert after == "ConnectError"
+
+
+def test_mixed_precision_setting_serves_the_same_answers_on_cpu(trained: Trained, tmp_path: Path) -> None:
+    """On a GPU the option runs the graph in float16; here (no GPU) it must say it does nothing and change
+    nothing."""
+    server = start_server(trained.store, tmp_path, IMGSERVE_MIXED_PRECISION="true", IMGSERVE_BATCHES_IN_FLIGHT="1")
+    try:
+        images = clothing_images(4)
+        clf = SavedModelClassifier(trained.store / trained.name / str(trained.version))
+        expected = clf.predict(np.stack([load_image(p, trained.height, trained.width) for p in images]))
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            for path, want in zip(images, expected, strict=True):
+                top = post(client, path, top_k=len(trained.labels)).json()["predictions"][0]["top"]
+                assert {t["index"]: t["score"] for t in top}[int(want.argmax())] == pytest.approx(want.max(), abs=1e-5)
+        device = httpx.get(server.url + "/health/ready").json()["device"]
+        if device.startswith("CPU"):
+            assert "no effect on the CPU" in server.logs()
+        else:
+            assert "mixed precision" in device
+    finally:
+        server.stop()

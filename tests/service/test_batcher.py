@@ -224,3 +224,66 @@ async def test_idle_flush_when_no_rows_are_on_their_way(model: RecordingModel, c
     await wait_done(first + second)  # nobody else is coming: no need to wait out the delay
     assert model.batches == [[1, 2]]
     await b.stop(1)
+
+
+async def wait_for(cond: object, timeout: float = 2.0) -> None:
+    for _ in range(int(timeout / 0.001)):
+        if cond():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition not reached")
+
+
+async def test_two_batches_in_flight_run_at_once_and_no_more(model: RecordingModel, clock: FakeClock) -> None:
+    b2: Batcher[int, int] = Batcher(model, clock=clock, max_batch_size=2, max_delay_s=0.0, max_queue_rows=16,
+                                    batches_in_flight=2)
+    b2.start()
+    model.gate = threading.Event()
+    futs = b2.submit([1, 2]) + b2.submit([3, 4]) + b2.submit([5, 6])
+    await wait_for(lambda: len(model.batches) == 2)  # both slots busy, each in its own thread
+    await settle()
+    await asyncio.sleep(0.05)
+    assert model.batches == [[1, 2], [3, 4]]  # the third batch waits for a free slot
+    assert b2.running_rows == 4 and b2.depth == 2
+    model.gate.set()
+    await wait_done(futs)
+    assert model.batches == [[1, 2], [3, 4], [5, 6]]
+    assert [f.result().value for f in futs] == [2, 4, 6, 8, 10, 12]
+    assert b2.running_rows == 0
+    await b2.stop(1)
+
+
+async def test_stop_waits_for_every_batch_in_flight(model: RecordingModel, clock: FakeClock) -> None:
+    b: Batcher[int, int] = Batcher(model, clock=clock, max_batch_size=1, max_delay_s=0.0, max_queue_rows=16,
+                                   batches_in_flight=2)
+    b.start()
+    model.gate = threading.Event()
+    futs = b.submit([1]) + b.submit([2]) + b.submit([3])
+    await wait_for(lambda: len(model.batches) == 2)
+    stopping = asyncio.ensure_future(b.stop(5))
+    await asyncio.sleep(0.05)
+    assert not stopping.done()  # two rows still inside the model, one queued
+    model.gate.set()
+    await stopping
+    assert [f.result().value for f in futs] == [2, 4, 6]
+
+
+async def test_idle_flush_waits_for_the_delay_while_another_batch_runs(model: RecordingModel,
+                                                                       clock: FakeClock) -> None:
+    b: Batcher[int, int] = Batcher(model, clock=clock, max_batch_size=4, max_delay_s=0.010, max_queue_rows=16,
+                                   batches_in_flight=2, flush_when_idle=True)
+    b.start()
+    model.gate = threading.Event()
+    first = b.submit([1])  # the model is idle and nothing is coming: runs at once
+    await wait_for(lambda: len(model.batches) == 1)
+    second = b.submit([2])  # a slot is free, but the model is busy: let more rows join, up to the delay
+    await settle()
+    await asyncio.sleep(0.02)
+    assert model.batches == [[1]]
+    third = b.submit([3])
+    await clock.advance(0.010)
+    await wait_for(lambda: len(model.batches) == 2)
+    assert model.batches == [[1], [2, 3]]
+    model.gate.set()
+    await wait_done(first + second + third)
+    await b.stop(1)

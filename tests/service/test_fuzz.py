@@ -58,17 +58,17 @@ OPS = st.lists(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(OPS, st.integers(1, 6), st.integers(4, 20))
+@given(OPS, st.integers(1, 6), st.integers(4, 20), st.integers(1, 3))
 def test_batcher_property_every_caller_one_answer(ops: list[tuple[str, object, object]], max_batch: int,
-                                                 max_queue: int) -> None:
-    asyncio.run(_program(ops, max_batch, max_queue))
+                                                 max_queue: int, in_flight: int) -> None:
+    asyncio.run(_program(ops, max_batch, max_queue, in_flight))
 
 
-async def _program(ops: list[tuple[str, object, object]], max_batch: int, max_queue: int) -> None:
+async def _program(ops: list[tuple[str, object, object]], max_batch: int, max_queue: int, in_flight: int) -> None:
     clock = FakeClock()
     model = Model(max_batch)
     b: Batcher[int, tuple[int, str]] = Batcher(model, max_batch_size=max_batch, max_delay_s=0.005,
-                                               max_queue_rows=max_queue, clock=clock)
+                                               max_queue_rows=max_queue, clock=clock, batches_in_flight=in_flight)
     b.start()
     futures: list[tuple[int, asyncio.Future[object]]] = []
     refused = 0
