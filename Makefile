@@ -27,15 +27,15 @@ system-deps:
 	bash scripts/install-system-deps.sh
 
 test: system-deps install
-	$(BIN)/ruff check service train tests bench fuzz
+	$(BIN)/ruff check service train tests bench fuzz scripts
 	$(BIN)/python -m pytest
 
 lint:
-	$(BIN)/ruff check service train tests bench fuzz
+	$(BIN)/ruff check service train tests bench fuzz scripts
 
 # Known vulnerabilities in the locked versions (exits non-zero when one is found).
 audit:
-	$(BIN)/pip-audit -r requirements.lock --no-deps --disable-pip --progress-spinner off
+	$(BIN)/python scripts/audit.py
 
 # Refresh the lock file from the current environment.
 lock:
