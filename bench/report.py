@@ -74,10 +74,10 @@ def markdown(run: dict[str, Any]) -> str:
         lines += [f"### {kind} ({e['input']}x{e['input']})", "",
                   f"In-process (no HTTP, same decoder; decode {lim['decode_ms_per_image']:.1f} ms/image, not "
                   f"included below):", "",
-                  "| batch | latency ms | first call ms | images/s |", "|---|---|---|---|"]
+                  "| batch | callers | latency ms | first call ms | images/s |", "|---|---|---|---|---|"]
         for b in lim["batches"]:
-            lines.append(f"| {b['batch_size']} | {b['latency_ms']:.1f} | {b['first_call_ms']:.1f} | "
-                         f"{b['images_per_s']:.1f} |")
+            lines.append(f"| {b['batch_size']} | {b.get('callers', 1)} | {b['latency_ms']:.1f} | "
+                         f"{_fmt(b['first_call_ms'])} | {b['images_per_s']:.1f} |")
         lines += ["", f"Service ({', '.join(f'{k}={v}' for k, v in e['settings'].items())}; ready after "
                       f"{e['startup_s']:.1f} s):", "",
                   "| clients | tool | images/s | vs limit | p50 ms | p95 ms | p99 ms | errors | mean batch |",

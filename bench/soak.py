@@ -31,11 +31,12 @@ from bench.__main__ import DEFAULT_IMAGES, REPO, Server, _env, ensure_model, loa
 
 
 def open_loop(url: str, image: Path, rate: float, seconds: float, timeout_s: float) -> dict[str, object]:
-    """`rate` requests/s for `seconds` with hey: enough workers that each sends at most 4/s, so a
-    worker waits on an answer only if that answer takes longer than 250 ms."""
+    """`rate` requests/s for `seconds` with hey: enough workers that each sends at most 1.5/s, so a
+    worker falls behind its schedule only if an answer takes longer than 667 ms (`answered_per_s`
+    below `offered_per_s` shows by how much it did)."""
     if not shutil.which("hey"):
         raise SystemExit("the open-loop overload needs `hey` (apt-get install hey)")
-    workers = max(8, int(rate / 4) + 1)
+    workers = max(8, int(rate / 1.5) + 1)
     out = subprocess.run(
         ["hey", "-z", f"{int(seconds)}s", "-c", str(workers), "-q", f"{rate / workers:.3f}", "-m", "POST",
          "-T", "image/jpeg", "-D", str(image), "-t", str(int(timeout_s)), "-o", "csv", url + "/predict"],
