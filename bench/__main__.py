@@ -24,11 +24,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO.parent / "shared" / "datasets" / "clothing-small" / "validation"
 MODELS = {
-    # name: (backbone, input size, concurrency levels, batching-off level, load generator under `auto`)
+    # name: (backbone, input size, concurrency levels, batching-off level, load generator under `auto`,
+    #        batches in flight as the README advises: 2 for the compute-bound model, 1 for the small one)
     # VGG16 answers a few images a second: the Python client costs nothing there and measures the
     # steady state between batch bursts; the tiny CNN needs wrk (compiled) from 16 clients up.
-    "vgg16": ("vgg16", 224, [1, 4, 8, 16, 32, 64], 32, "python"),
-    "cnn": ("cnn", 64, [1, 4, 16, 64], 16, "wrk"),
+    "vgg16": ("vgg16", 224, [1, 4, 8, 16, 32, 64], 32, "python", 2),
+    "cnn": ("cnn", 64, [1, 4, 16, 64], 16, "wrk", 1),
 }
 WARMUP_S = 5.0
 
@@ -47,7 +48,7 @@ def ensure_model(store: Path, kind: str) -> Path:
     versions = layout.list_versions(store, f"bench-{kind}")
     if versions:
         return store / f"bench-{kind}" / str(versions[-1])
-    backbone, size, _, _, _ = MODELS[kind]
+    backbone, size, _, _, _, _ = MODELS[kind]
     code = (
         "import sys; from pathlib import Path; from bench.models import build; "
         f"print(build(Path(sys.argv[1]), {kind!r}, {backbone!r}, {size}))"
@@ -188,7 +189,7 @@ def main() -> int:
                    help="load generator: auto uses wrk for the tiny CNN from 16 clients up, Python otherwise")
     p.add_argument("--batch-delay-ms", type=float, default=5.0)
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batches-in-flight", type=int, default=2)
+    p.add_argument("--batches-in-flight", type=int, default=0, help="0: per model, as in MODELS")
     p.add_argument("--levels", help="override concurrency levels, e.g. 1,8,32")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -199,7 +200,8 @@ def main() -> int:
 
     run["ceiling"] = flop_ceiling()
     for kind in args.models.split(","):
-        backbone, size, levels, off_level, auto_tool = MODELS[kind]
+        backbone, size, levels, off_level, auto_tool, in_flight = MODELS[kind]
+        in_flight = args.batches_in_flight or in_flight
 
         if args.levels:
             levels = [int(x) for x in args.levels.split(",")]
@@ -210,7 +212,7 @@ def main() -> int:
                                  "baseline": None}
         settings = {"IMGSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
                     "IMGSERVE_MAX_BATCH_DELAY_MS": str(args.batch_delay_ms),
-                    "IMGSERVE_BATCHES_IN_FLIGHT": str(args.batches_in_flight)}
+                    "IMGSERVE_BATCHES_IN_FLIGHT": str(in_flight)}
         entry["settings"] = settings
         server = Server(args.store, f"bench-{kind}", args.out / f"{stamp}-{kind}-server.log", **settings)
         entry["startup_s"] = server.startup_s
@@ -224,7 +226,7 @@ def main() -> int:
         print(f"[{kind}] batching off at {off_level} clients ...", flush=True)
         off = Server(args.store, f"bench-{kind}", args.out / f"{stamp}-{kind}-nobatch.log",
                      IMGSERVE_MAX_BATCH_SIZE="1", IMGSERVE_MAX_BATCH_DELAY_MS="0",
-                     IMGSERVE_BATCHES_IN_FLIGHT=str(args.batches_in_flight))
+                     IMGSERVE_BATCHES_IN_FLIGHT=str(in_flight))
         try:
             entry["baseline"] = load(off, args.images, off_level, args.duration,
                                      pick_tool(args.tool, auto_tool, off_level))

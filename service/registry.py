@@ -30,7 +30,7 @@ class Classifier(Protocol):
 
     def predict_rows(self, rows: list[np.ndarray]) -> np.ndarray: ...
 
-    def warmup(self, batch_sizes: list[int]) -> float: ...
+    def warmup(self, batch_sizes: list[int], in_flight: int = 1) -> float: ...
 
 
 Loader = Callable[[Path, ModelMeta], Classifier]
@@ -153,7 +153,7 @@ class Registry:
         try:
             meta = store.read_metadata(path, name=name, version=version)
             model = await asyncio.to_thread(self.loader, path, meta)
-            warm = await asyncio.to_thread(model.warmup, s.warmup_sizes)
+            warm = await asyncio.to_thread(model.warmup, s.warmup_sizes, s.batches_in_flight)
         except Exception as exc:
             reason = f"{exc.__class__.__name__}: {exc}"
             logger.error("refusing %s version %d: %s", name, version, reason)

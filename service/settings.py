@@ -30,7 +30,7 @@ class Settings(BaseSettings):
         True, description="close a batch at once when no other request is decoding (nothing more is coming)"
     )
     batches_in_flight: int = Field(
-        2, ge=1, le=8, description="batches the model runs at once (2 overlaps batch forming, transfers and compute)"
+        1, ge=1, le=8, description="batches the model runs at once (2 for GPUs and compute-bound models, see Batching)"
     )
     max_queue_rows: int = Field(256, ge=1, description="queued rows per model version before 429")
     request_timeout_ms: int = Field(30_000, ge=1, description="default deadline of a request")
@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(0, ge=0, description="TensorFlow inter-op threads (0: TensorFlow decides)")
     onednn: bool = Field(True, description="set TF_ENABLE_ONEDNN_OPTS=1 (faster on x86 CPUs)")
     mixed_precision: bool = Field(
-        False, description="run float32 graphs in float16 where safe on a GPU (auto mixed precision; no effect on CPU)"
+        False, description="run float32 graphs in 16 bits where safe: float16 on GPUs, bfloat16 on AVX512_BF16/AMX CPUs"
     )
     drain_timeout_s: float = Field(20.0, ge=0, description="grace period for queued and running rows on SIGTERM")
     keep_alive_timeout_s: float = Field(

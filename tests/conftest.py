@@ -151,7 +151,7 @@ class FakeClassifier:
             out[i, int(r[..., 0].mean()) * k // 256] = 0.9
         return out
 
-    def warmup(self, batch_sizes: list[int]) -> float:
+    def warmup(self, batch_sizes: list[int], in_flight: int = 1) -> float:
         if self.fail_warmup:
             raise RuntimeError("warm-up exploded")
         return 0.0
