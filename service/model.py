@@ -114,9 +114,11 @@ class SavedModelClassifier:
             if not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-2):
                 raise ModelLoadError(f"warm-up at batch size {n} gave probabilities that do not sum to 1")
 
+        largest = max(batch_sizes, default=0)
         for n in batch_sizes:
-            run(n)
-        if in_flight > 1 and batch_sizes:
+            if n < largest or in_flight == 1:
+                run(n)
+        if in_flight > 1 and largest:  # the largest size runs `in_flight` times at once instead of once
             with ThreadPoolExecutor(in_flight) as pool:
-                list(pool.map(run, [max(batch_sizes)] * in_flight))
+                list(pool.map(run, [largest] * in_flight))
         return time.perf_counter() - start

@@ -198,3 +198,21 @@ def test_mixed_precision_setting(trained: Trained, tmp_path: Path) -> None:
             assert "mixed precision: " + ("float16" if device.startswith("GPU") else "bfloat16") in device
     finally:
         server.stop()
+
+
+def test_warmup_runs_the_batches_in_flight_at_once(trained: Trained) -> None:
+    clf = SavedModelClassifier(trained.store / trained.name / str(trained.version))
+    calls: list[tuple[int, str]] = []
+    predict = clf.predict
+
+    def recording(x: np.ndarray) -> np.ndarray:
+        calls.append((len(x), threading.current_thread().name))
+        return predict(x)
+
+    clf.predict = recording  # type: ignore[method-assign]
+    clf.warmup([1, 4], in_flight=2)
+    assert sorted(n for n, _ in calls) == [1, 4, 4]  # the largest size twice, not a third time alone
+    assert len({t for n, t in calls if n == 4}) == 2  # on two threads
+    calls.clear()
+    clf.warmup([1, 4])
+    assert [n for n, _ in calls] == [1, 4]
