@@ -58,9 +58,11 @@ def ensure_model(store: Path, kind: str) -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def in_process(version_dir: Path, images: Path, max_batch: int, repeats: int) -> dict[str, Any]:
+def in_process(version_dir: Path, images: Path, max_batch: int, repeats: int,
+               sizes: list[int] | None = None) -> dict[str, Any]:
+    extra = [",".join(map(str, sizes))] if sizes else []
     out = subprocess.run([sys.executable, "-m", "bench.limit", str(version_dir), str(images), str(max_batch),
-                          str(repeats)], cwd=REPO, env=_env(), check=True, capture_output=True, text=True)
+                          str(repeats), *extra], cwd=REPO, env=_env(), check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

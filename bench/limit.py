@@ -17,6 +17,7 @@ import numpy as np
 def main() -> int:
     version_dir, images_dir = Path(sys.argv[1]), Path(sys.argv[2])
     max_batch, repeats = int(sys.argv[3]), int(sys.argv[4])
+    only = {int(x) for x in sys.argv[5].split(",")} if len(sys.argv) > 5 else None  # measure just these sizes
     from service.imaging import load_image
     from service.model import SavedModelClassifier, configure_tensorflow
 
@@ -33,6 +34,9 @@ def main() -> int:
     rows = []
     n = 1
     while n <= max_batch:
+        if only is not None and n not in only:
+            n *= 2
+            continue
         x = batch[:n]
         t = time.perf_counter()
         clf.predict(x)
@@ -48,8 +52,8 @@ def main() -> int:
                      "images_per_s": n / best})
         n *= 2
     for n in (4, 8, 16):
-        if n > max_batch:
-            break
+        if n > max_batch or (only is not None and n not in only):
+            continue
         x = batch[:n]
         reps = max(2, repeats)
         barrier = threading.Barrier(2)
@@ -72,7 +76,7 @@ def main() -> int:
     print(json.dumps({"device": device, "decode_ms_per_image": decode_ms, "batches": rows,
                       "best_batch_size": top["batch_size"], "best_callers": top.get("callers", 1),
                       "best_images_per_s": top["images_per_s"],
-                      "batch1_latency_ms": rows[0]["latency_ms"]}))
+                      "batch1_latency_ms": rows[0]["latency_ms"] if rows[0]["batch_size"] == 1 else None}))
     return 0
 
 

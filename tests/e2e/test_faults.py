@@ -1,7 +1,7 @@
 """Overload, hard kills, repeated hot swaps and every kind of broken version, on a real server.
 
 Durations are bounded for CI; IMGSERVE_TEST_OVERLOAD_S lengthens the overload run on demand
-(the scorecard in the README was made with 300)."""
+(docs/reliability.md has the 5-minute figures)."""
 
 from __future__ import annotations
 
