@@ -139,6 +139,8 @@ def write_outputs(run: dict[str, Any], out: Path, stamp: str, docs: Path) -> lis
     doc_png = docs.parent / "benchmarks.png"
     doc_png.write_bytes(png.read_bytes())
     docs.write_text("# Benchmarks\n\nThe latest run of `python -m bench` (see the README). Figures are from one "
-                    "run on one machine; compare them as ratios within the run.\n\n" + text +
+                    "run on one machine; compare them as ratios within the run. Repeated, paired "
+                    "measurements of the targets and the mixed-precision figures are in "
+                    "[performance.md](performance.md).\n\n" + text +
                     "\n![throughput and latency](benchmarks.png)\n")
     return [js, md, png, docs]

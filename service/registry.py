@@ -182,8 +182,9 @@ class Registry:
         self.metrics.model_load_seconds.labels(name, str(version)).set(seconds)
         self.metrics.queue_capacity.labels(name, str(version)).set(s.max_queue_rows)
         logger.info("serving %s version %d (%d classes, input %dx%d), loaded in %.1fs of which warm-up %.1fs "
-                    "at batch sizes %s", name, version, meta.num_classes, meta.input.height, meta.input.width,
-                    seconds, warm, s.warmup_sizes)
+                    "at batch sizes %s%s", name, version, meta.num_classes, meta.input.height, meta.input.width,
+                    seconds, warm, s.warmup_sizes,
+                    f" (the largest {s.batches_in_flight} at once)" if s.batches_in_flight > 1 else "")
         if old is not None:
             self._retire_later(old)
         # The model's many long-lived Python objects would otherwise be walked by every full
