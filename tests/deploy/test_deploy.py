@@ -82,6 +82,8 @@ def test_compose_wiring_matches_the_service() -> None:
     gpu = services["api-gpu"]
     assert gpu["profiles"] == ["gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert gpu["environment"]["IMGSERVE_BATCHES_IN_FLIGHT"] == "2"
+    assert gpu["environment"]["IMGSERVE_MODEL_STORE"] == "/models"  # the shared settings are kept
     prom_volumes = services["prometheus"]["volumes"]
     assert "./deploy/prometheus:/etc/prometheus:ro" in prom_volumes
     for svc in services.values():
