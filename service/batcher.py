@@ -253,6 +253,7 @@ class Batcher(Generic[T, R]):
         finally:
             self.running_rows -= len(rows)
             slots.release()
+            self._wakeup.set()  # a batch waiting for its delay may now close as idle
 
     def _live(self, batch: list[_Row[T]]) -> list[_Row[T]]:
         now = self._clock.now()

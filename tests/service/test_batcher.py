@@ -287,3 +287,19 @@ async def test_idle_flush_waits_for_the_delay_while_another_batch_runs(model: Re
     model.gate.set()
     await wait_done(first + second + third)
     await b.stop(1)
+
+
+async def test_waiting_batch_closes_as_soon_as_the_running_one_ends(model: RecordingModel, clock: FakeClock) -> None:
+    b: Batcher[int, int] = Batcher(model, clock=clock, max_batch_size=4, max_delay_s=1000.0, max_queue_rows=16,
+                                   batches_in_flight=2, flush_when_idle=True)
+    b.start()
+    model.gate = threading.Event()
+    first = b.submit([1])
+    await wait_for(lambda: len(model.batches) == 1)
+    second = b.submit([2])  # busy model, a 1000 s delay: only the end of the running batch can close it
+    await asyncio.sleep(0.02)
+    assert model.batches == [[1]]
+    model.gate.set()
+    await wait_done(first + second)  # the clock never moved
+    assert model.batches == [[1], [2]]
+    await b.stop(1)
