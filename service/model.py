@@ -109,16 +109,19 @@ class SavedModelClassifier:
         h, w = self.input_shape
         rng = np.random.default_rng(0)
 
-        def run(n: int) -> None:
-            probs = self.predict(rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8))
+        def run(images: np.ndarray) -> None:
+            probs = self.predict(images)
             if not np.all(np.isfinite(probs)) or not np.allclose(probs.sum(axis=1), 1.0, atol=1e-2):
-                raise ModelLoadError(f"warm-up at batch size {n} gave probabilities that do not sum to 1")
+                raise ModelLoadError(f"warm-up at batch size {len(images)} gave probabilities that do not sum to 1")
+
+        def batch(n: int) -> np.ndarray:  # made on this thread: a numpy Generator is not thread-safe
+            return rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
 
         largest = max(batch_sizes, default=0)
         for n in batch_sizes:
             if n < largest or in_flight == 1:
-                run(n)
+                run(batch(n))
         if in_flight > 1 and largest:  # the largest size runs `in_flight` times at once instead of once
             with ThreadPoolExecutor(in_flight) as pool:
-                list(pool.map(run, [largest] * in_flight))
+                list(pool.map(run, [batch(largest) for _ in range(in_flight)]))
         return time.perf_counter() - start
