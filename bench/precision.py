@@ -20,35 +20,39 @@ import numpy as np
 from bench.__main__ import DEFAULT_IMAGES, REPO, _env, ensure_model
 
 
-def _measure(version_dir: Path, images: Path, batch: int, seconds: float, mixed: bool, out: Path) -> dict:
-    code = f"""
-import json, sys, time
-import numpy as np
-from pathlib import Path
-from service.imaging import load_image
-from service.model import SavedModelClassifier, configure_tensorflow
-device = configure_tensorflow(mixed_precision={mixed!r})
-clf = SavedModelClassifier(Path({str(version_dir)!r}))
-h, w = clf.input_shape
-files = sorted(Path({str(images)!r}).rglob("*.jpg"))[:64]
-x = np.stack([load_image(f, h, w) for f in files])
-probs = np.concatenate([clf.predict(x[i:i + {batch}]) for i in range(0, len(x), {batch})])
-np.save({str(out)!r}, probs)
-b = x[:{batch}]
-clf.predict(b)
-n, t = 0, time.perf_counter()
-while time.perf_counter() - t < {seconds}:
+def _child(version_dir: Path, images: Path, batch: int, seconds: float, mixed: bool, out: Path) -> None:
+    """Runs in a fresh process (precision is fixed when TensorFlow first builds the graph)."""
+    from service.imaging import load_image
+    from service.model import SavedModelClassifier, configure_tensorflow
+
+    device = configure_tensorflow(mixed_precision=mixed)
+    clf = SavedModelClassifier(version_dir)
+    h, w = clf.input_shape
+    x = np.stack([load_image(f, h, w) for f in sorted(images.rglob("*.jpg"))[:64]])
+    np.save(out, np.concatenate([clf.predict(x[i:i + batch]) for i in range(0, len(x), batch)]))
+    b = x[:batch]
     clf.predict(b)
-    n += {batch}
-print(json.dumps({{"device": device, "images_per_s": n / (time.perf_counter() - t)}}))
-"""
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True)
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        clf.predict(b)
+        n += batch
+    print(json.dumps({"device": device, "images_per_s": n / (time.perf_counter() - t)}))
+
+
+def _measure(version_dir: Path, images: Path, batch: int, seconds: float, mixed: bool, out: Path) -> dict:
+    res = subprocess.run([sys.executable, "-m", "bench.precision", "--child", json.dumps(
+        [str(version_dir), str(images), batch, seconds, mixed, str(out)])], cwd=REPO, env=_env(),
+        capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(res.stderr[-3000:])
     return dict(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--child"]:
+        vdir, images, batch, seconds, mixed, out = json.loads(sys.argv[2])
+        _child(Path(vdir), Path(images), batch, seconds, mixed, Path(out))
+        return 0
     p = argparse.ArgumentParser()
     p.add_argument("--version-dir", type=Path)
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
