@@ -19,7 +19,8 @@ def main() -> int:
     max_batch, repeats = int(sys.argv[3]), int(sys.argv[4])
     only = {int(x) for x in sys.argv[5].split(",")} if len(sys.argv) > 5 else None  # measure just these sizes
     from service.imaging import load_image
-    from service.model import SavedModelClassifier, configure_tensorflow
+    from service.runtimes.tensorflow import SavedModelRuntime as SavedModelClassifier
+    from service.runtimes.tensorflow import configure as configure_tensorflow
 
     device = configure_tensorflow()
     clf = SavedModelClassifier(version_dir)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 from service import store
+from service.metadata import ModelMeta
 
 
 def build(store_dir: Path, kind: str, backbone: str, size: int) -> Path:
@@ -17,9 +17,6 @@ def build(store_dir: Path, kind: str, backbone: str, size: int) -> Path:
     base, normalise = build_backbone(backbone, (size, size, 3), "none")
     head = build_head(tuple(base.output.shape[1:]), 10, 0.0)
     model = assemble(normalise, base, head, (size, size, 3))
-    labels = [f"class-{i}" for i in range(10)]
-    meta = {"created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "labels": labels, "input": {"height": size, "width": size, "channels": 3, "dtype": "uint8",
-                                        "color": "RGB"},
-            "backbone": backbone, "weights": "random (benchmark)", "metrics": {}, "dataset": {}, "training": {}}
+    meta = ModelMeta.create(labels=[f"class-{i}" for i in range(10)], size=(size, size), backbone=backbone,
+                            weights="random (benchmark)")
     return store.publish(store_dir, f"bench-{kind}", lambda tmp: export_saved_model(model, tmp, size, size), meta)

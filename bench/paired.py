@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.__main__ import DEFAULT_IMAGES, MODELS, REPO, Server, ensure_model, in_process, load, pick_tool
+from bench.harness import DEFAULT_IMAGES, REPO
+from bench.runs import MODELS, Server, ensure_model, in_process, load, pick_tool
 
 
 def main() -> int:

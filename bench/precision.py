@@ -17,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.__main__ import DEFAULT_IMAGES, REPO, _env, ensure_model
+from bench.harness import DEFAULT_IMAGES, REPO, service_env
+from bench.runs import ensure_model
 
 
 def _child(version_dir: Path, images: Path, batch: int, seconds: float, mixed: bool, out: Path) -> None:
     """Runs in a fresh process (precision is fixed when TensorFlow first builds the graph)."""
     from service.imaging import load_image
-    from service.model import SavedModelClassifier, configure_tensorflow
+    from service.runtimes.tensorflow import SavedModelRuntime as SavedModelClassifier
+    from service.runtimes.tensorflow import configure as configure_tensorflow
 
     device = configure_tensorflow(mixed_precision=mixed)
     clf = SavedModelClassifier(version_dir)
@@ -41,7 +43,7 @@ def _child(version_dir: Path, images: Path, batch: int, seconds: float, mixed: b
 
 def _measure(version_dir: Path, images: Path, batch: int, seconds: float, mixed: bool, out: Path) -> dict:
     res = subprocess.run([sys.executable, "-m", "bench.precision", "--child", json.dumps(
-        [str(version_dir), str(images), batch, seconds, mixed, str(out)])], cwd=REPO, env=_env(),
+        [str(version_dir), str(images), batch, seconds, mixed, str(out)])], cwd=REPO, env=service_env(),
         capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(res.stderr[-3000:])

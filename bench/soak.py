@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.__main__ import DEFAULT_IMAGES, REPO, Server, _env, ensure_model, load, rss_bytes
+from bench.harness import DEFAULT_IMAGES, REPO, rss_bytes, service_env
+from bench.runs import Server, ensure_model, load
 
 
 def open_loop(url: str, image: Path, rate: float, seconds: float, timeout_s: float) -> dict[str, object]:
@@ -65,15 +66,18 @@ def open_loop(url: str, image: Path, rate: float, seconds: float, timeout_s: flo
 
 
 def server_counts(url: str) -> dict[str, float]:
-    """Requests by status and rejections by reason, from the service's own /metrics."""
+    """Requests by status and rejections by reason, from the service's own /metrics, keyed by series."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, float] = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(("imgserve_http_requests_total{", "imgserve_rejections_total{",
-                            "imgserve_dropped_rows_total{")):
-            key, value = line.rsplit(" ", 1)
-            out[key] = out.get(key, 0.0) + float(value)
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name in ("imgserve_http_requests_total", "imgserve_rejections_total",
+                               "imgserve_dropped_rows_total"):
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                key = f"{sample.name}{{{labels}}}"
+                out[key] = out.get(key, 0.0) + sample.value
     return out
 
 
@@ -115,7 +119,7 @@ def main() -> int:
         else:
             out = subprocess.run([sys.executable, "-m", "bench.load", "--url", server.url, "--images",
                                   str(args.images), "--clients", str(args.clients), "--duration",
-                                  str(args.minutes * 60), "--timeout", "60"], cwd=REPO, env=_env(),
+                                  str(args.minutes * 60), "--timeout", "60"], cwd=REPO, env=service_env(),
                                  capture_output=True, text=True, check=True)
             result_load = json.loads(out.stdout.strip().splitlines()[-1])
         after = server_counts(server.url)

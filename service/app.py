@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,14 +18,15 @@ from prometheus_client import ProcessCollector
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.exceptions import HTTPException
 
-from service import __version__
-from service.api import native
-from service.api.deps import ORJSONResponse
+from service import __version__, runtimes
+from service.api import kserve, native, tfserving
+from service.api.deps import BODY_MODELS, ORJSONResponse
 from service.errors import ServiceError
-from service.inference import ClientGone
+from service.loading import Loader
 from service.metrics import Metrics
 from service.middleware import ServiceMiddleware
-from service.registry import Loader, Registry, default_loader
+from service.pipeline import ClientGone
+from service.registry import Registry
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,29 +45,15 @@ def _error_body(message: str, code: str, **extra: object) -> dict[str, object]:
     return {"error": message, "code": code, **extra}
 
 
-def create_app(settings: Settings | None = None, loader: Loader | None = None) -> FastAPI:
-    settings = settings or Settings.load()
-    metrics = Metrics()
-    ProcessCollector(registry=metrics.registry)
-
+def _lifespan(settings: Settings, metrics: Metrics, loader: Loader | None) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if loader is None:
-            from service.model import configure_tensorflow
-
-            device = configure_tensorflow(settings.intra_op_threads, settings.inter_op_threads,
-                                          settings.mixed_precision)
-        else:
-            device = "custom loader"
+        device = runtimes.configure(settings) if loader is None else "custom loader"
         logger.info("device: %s", device)
-        logger.info("batching: max_batch_size=%d max_batch_delay_ms=%.1f batches_in_flight=%d max_queue_rows=%d "
-                    "warm-up sizes %s",
-                    settings.max_batch_size, settings.max_batch_delay_ms, settings.batches_in_flight,
-                    settings.max_queue_rows,
-                    settings.warmup_sizes)
+        logger.info("batching defaults: %s", settings.batching)
         app.state.device = device
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
-        registry = Registry(settings, metrics, loader or default_loader)
+        registry = Registry(settings, metrics, loader or functools.partial(runtimes.load, settings=settings))
         app.state.registry = registry
         logger.info("model store: %s", settings.model_store.resolve())
         registry.start_polling()
@@ -78,17 +67,10 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
             app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
             logger.info("stopped")
 
-    app = FastAPIOffline(
-        title="imgserve",
-        version=__version__,
-        description=DESCRIPTION,
-        lifespan=lifespan,
-        default_response_class=ORJSONResponse,
-    )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.draining = False
+    return lifespan
 
+
+def _error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
         if exc.status_code >= 500 and exc.status_code not in (503, 504):
@@ -114,26 +96,48 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
         metrics.rejections.labels("client_gone").inc()
         return Response(status_code=499)
 
-    app.include_router(native.router)
-    from service.api import kserve, tfserving
 
-    app.include_router(tfserving.router)
-    app.include_router(kserve.router)
+def _with_body_schemas(app: FastAPI) -> None:
+    """Routes that parse their own JSON bodies name a pydantic model; put its schema in the document."""
+    plain = app.openapi
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = plain()
+            schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+            for name, model in BODY_MODELS.items():
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(schema.pop("$defs", {}))
+                schemas[name] = schema
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def create_app(settings: Settings | None = None, loader: Loader | None = None) -> FastAPI:
+    """The service; `loader(path, meta)` replaces the runtimes (tests pass a fake one)."""
+    settings = settings or Settings.load()
+    metrics = Metrics()
+    ProcessCollector(registry=metrics.registry)
+    app = FastAPIOffline(title="imgserve", version=__version__, description=DESCRIPTION,
+                         lifespan=_lifespan(settings, metrics, loader), default_response_class=ORJSONResponse)
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.draining = False
+    _error_handlers(app, metrics)
+    for router in (native.router, tfserving.router, kserve.router):
+        app.include_router(router)
+    _with_body_schemas(app)
     Instrumentator(registry=metrics.registry, excluded_handlers=["/metrics"], should_group_status_codes=False) \
         .instrument(app, metric_namespace="imgserve") \
         .expose(app, include_in_schema=True, tags=["health"], response_class=PlainTextResponse,
                 summary="Prometheus metrics (text exposition format)")
-
-    def reject(reason: str) -> None:
-        metrics.rejections.labels(reason).inc()
-
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_upload_bytes,
-                       body_timeout_s=settings.body_timeout_s,
-                       draining=lambda: bool(app.state.draining), on_reject=reject)
-    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
-    if origins:
-        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
-                           allow_headers=["*"], expose_headers=["X-Model-Name", "X-Model-Version",
+                       body_timeout_s=settings.body_timeout_s, draining=lambda: bool(app.state.draining),
+                       on_reject=lambda reason: metrics.rejections.labels(reason).inc())
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"], expose_headers=["X-Model-Name", "X-Model-Version", "X-Model-Runtime",
                                                                 "X-Request-ID", "Server-Timing"])
     return app

@@ -13,56 +13,18 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
-class BadRequest(ServiceError):
-    status_code = 400
-    code = "bad_request"
+def _kind(name: str, status: int, code: str) -> type[ServiceError]:
+    return type(name, (ServiceError,), {"status_code": status, "code": code, "__module__": __name__})
 
 
-class Unauthorized(ServiceError):
-    status_code = 401
-    code = "unauthorized"
-
-
-class NotFound(ServiceError):
-    status_code = 404
-    code = "not_found"
-
-
-class RequestTimeout(ServiceError):
-    status_code = 408
-    code = "request_timeout"
-
-
-class PayloadTooLarge(ServiceError):
-    status_code = 413
-    code = "payload_too_large"
-
-
-class UnsupportedMediaType(ServiceError):
-    status_code = 415
-    code = "unsupported_media_type"
-
-
-class Unprocessable(ServiceError):
-    status_code = 422
-    code = "invalid_request"
-
-
-class Overloaded(ServiceError):
-    status_code = 429
-    code = "queue_full"
-
-
-class ModelFailed(ServiceError):
-    status_code = 500
-    code = "model_error"
-
-
-class NotReady(ServiceError):
-    status_code = 503
-    code = "not_ready"
-
-
-class DeadlineExpired(ServiceError):
-    status_code = 504
-    code = "deadline_exceeded"
+# One class per status: raise NotFound("...") where a request names something that is not served.
+BadRequest = _kind("BadRequest", 400, "bad_request")
+Unauthorized = _kind("Unauthorized", 401, "unauthorized")
+NotFound = _kind("NotFound", 404, "not_found")
+RequestTimeout = _kind("RequestTimeout", 408, "request_timeout")
+PayloadTooLarge = _kind("PayloadTooLarge", 413, "payload_too_large")
+UnsupportedMediaType = _kind("UnsupportedMediaType", 415, "unsupported_media_type")
+Overloaded = _kind("Overloaded", 429, "queue_full")
+ModelFailed = _kind("ModelFailed", 500, "model_error")
+NotReady = _kind("NotReady", 503, "not_ready")
+DeadlineExpired = _kind("DeadlineExpired", 504, "deadline_exceeded")

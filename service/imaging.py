@@ -25,19 +25,16 @@ cv2.setNumThreads(1)  # decoding runs in our own thread pool; OpenCV's pool woul
 
 
 class ImageError(ValueError):
-    """An image that cannot be used; carries the HTTP status a server should answer with."""
+    """An image that cannot be used; `code` names the reason (the service maps it to an HTTP status)."""
 
-    status_code = 400
     code = "invalid_image"
 
 
 class UnsupportedImageFormat(ImageError):
-    status_code = 415
     code = "unsupported_media_type"
 
 
 class ImageTooLarge(ImageError):
-    status_code = 413
     code = "image_too_large"
 
 

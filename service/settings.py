@@ -3,11 +3,61 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, PositiveInt, SecretStr, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.metadata import BatchingOverride
+
+
+def _comma_list(value: Any) -> Any:
+    """'a, b,,c' -> ['a', 'b', 'c']; lists pass through (environment variables arrive as text)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _pins(value: Any) -> Any:
+    """'clothing=3,demo=1' -> {'clothing': 3, 'demo': 1}."""
+    if not isinstance(value, str):
+        return value
+    out: dict[str, str] = {}
+    for part in _comma_list(value):
+        name, sep, ver = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"pinned_versions entry {part!r} must look like 'model=3'")
+        out[name.strip()] = ver.strip()
+    return out
+
+
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_list)]
+CommaInts = Annotated[list[PositiveInt], NoDecode, BeforeValidator(_comma_list)]
+Pins = Annotated[dict[str, PositiveInt], NoDecode, BeforeValidator(_pins)]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How one model version is batched: the service-wide settings, with the model's own overrides."""
+
+    max_batch_size: int
+    max_batch_delay_ms: float
+    batches_in_flight: int
+    max_queue_rows: int
+    flush_when_idle: bool
+    warmup_sizes: tuple[int, ...] = ()
+
+    def with_overrides(self, override: BatchingOverride | None, warmup_given: list[int]) -> BatchingConfig:
+        given = override.model_dump(exclude_none=True) if override is not None else {}
+        merged = replace(self, **given)
+        sizes = warmup_given or [1, merged.max_batch_size]
+        return replace(merged, warmup_sizes=tuple(sorted({s for s in sizes if s <= merged.max_batch_size})))
+
+    @property
+    def max_delay_s(self) -> float:
+        return self.max_batch_delay_ms / 1000.0
 
 
 class Settings(BaseSettings):
@@ -18,9 +68,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address uvicorn listens on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     model_store: Path = Field(Path("model_store"), description="model store folder (read only)")
-    models: str = Field("", description="serve only these models, comma-separated (empty: every model in the store)")
-    pinned_versions: str = Field(
-        "", description="serve these versions instead of the latest, e.g. 'clothing=3,demo-shapes=1'"
+    models: CommaList = Field(
+        default_factory=list, description="serve only these models, comma-separated (empty: every model in the store)"
+    )
+    pinned_versions: Pins = Field(
+        default_factory=dict, description="serve these versions instead of the latest, e.g. 'clothing=3,demo-shapes=1'"
     )
     default_model: str = Field("", description="model used when a request names none (default: the only one)")
     poll_interval_s: float = Field(5.0, gt=0, description="how often the store is scanned for new versions")
@@ -41,8 +93,8 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1, description="images in one request at most")
     max_form_fields: int = Field(256, ge=1, description="multipart fields in one request at most")
     decode_threads: int = Field(0, ge=0, description="decoding thread pool size (0: number of CPUs)")
-    warmup_batch_sizes: str = Field(
-        "", description="comma-separated batch sizes run at load (default: 1 and max_batch_size)"
+    warmup_batch_sizes: CommaInts = Field(
+        default_factory=list, description="comma-separated batch sizes run at load (default: 1 and max_batch_size)"
     )
     intra_op_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads (0: TensorFlow decides)")
     inter_op_threads: int = Field(0, ge=0, description="TensorFlow inter-op threads (0: TensorFlow decides)")
@@ -57,7 +109,9 @@ class Settings(BaseSettings):
     shutdown_delay_s: float = Field(0.0, ge=0, description="pause between readiness 503 and closing the listener")
     api_key: SecretStr | None = Field(None, description="if set, predict endpoints need this key")
     admin_api_key: SecretStr | None = Field(None, description="if set, load/unload need this key")
-    cors_origins: str = Field("", description="comma-separated origins allowed by CORS (off when empty)")
+    cors_origins: CommaList = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS (off when empty)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_json: bool = Field(False, description="log one JSON object per line")
 
@@ -68,23 +122,6 @@ class Settings(BaseSettings):
         secrets = os.environ.get("IMGSERVE_SECRETS_DIR")
         return cls(_secrets_dir=secrets) if secrets else cls()
 
-    @field_validator("pinned_versions")
-    @classmethod
-    def _check_pins(cls, v: str) -> str:
-        for part in filter(None, (p.strip() for p in v.split(","))):
-            name, sep, ver = part.partition("=")
-            if not sep or not ver.strip().isdigit() or int(ver) < 1 or not name.strip():
-                raise ValueError(f"pinned_versions entry {part!r} must look like 'model=3'")
-        return v
-
-    @field_validator("warmup_batch_sizes")
-    @classmethod
-    def _check_warmup(cls, v: str) -> str:
-        for part in filter(None, (p.strip() for p in v.split(","))):
-            if not part.isdigit() or int(part) < 1:
-                raise ValueError(f"warmup_batch_sizes entry {part!r} is not a positive integer")
-        return v
-
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:
         if self.request_timeout_ms > self.max_request_timeout_ms:
@@ -92,27 +129,12 @@ class Settings(BaseSettings):
         return self
 
     @property
-    def pins(self) -> dict[str, int]:
-        out = {}
-        for part in filter(None, (p.strip() for p in self.pinned_versions.split(","))):
-            name, _, ver = part.partition("=")
-            out[name.strip()] = int(ver)
-        return out
-
-    @property
-    def model_allowlist(self) -> set[str]:
-        return {m.strip() for m in self.models.split(",") if m.strip()}
-
-    @property
-    def warmup_sizes(self) -> list[int]:
-        given = [int(p) for p in self.warmup_batch_sizes.split(",") if p.strip()]
-        sizes = given or [1, self.max_batch_size]
-        return sorted({s for s in sizes if s <= self.max_batch_size})
+    def batching(self) -> BatchingConfig:
+        """The service-wide batching settings (a model's `batching` block in model.json overrides them)."""
+        return BatchingConfig(self.max_batch_size, self.max_batch_delay_ms, self.batches_in_flight,
+                              self.max_queue_rows, self.flush_when_idle).with_overrides(None,
+                                                                                         self.warmup_batch_sizes)
 
     @property
     def decode_workers(self) -> int:
         return self.decode_threads or (os.cpu_count() or 2)
-
-    @property
-    def max_batch_delay_s(self) -> float:
-        return self.max_batch_delay_ms / 1000.0

@@ -17,14 +17,16 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
+
+from service.metadata import METADATA_FORMAT, ModelMeta, describe_error
 
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,17}$")
 METADATA_FILE = "model.json"
-METADATA_FORMAT = 1
 TMP_PREFIX = ".tmp-"
 LOCK_FILE = ".publish.lock"
 
@@ -70,72 +72,21 @@ def version_dir(store: Path, name: str, version: int) -> Path:
     return store / name / str(version)
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    height: int
-    width: int
-    channels: int = 3
-    dtype: str = "uint8"
-    color: str = "RGB"
-
-
-@dataclass(frozen=True)
-class ModelMeta:
-    """The parsed and validated content of `model.json`."""
-
-    name: str
-    version: int
-    labels: list[str]
-    input: InputSpec
-    created_at: str
-    backbone: str
-    raw: dict[str, Any] = field(repr=False, compare=False, hash=False)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-
 def parse_metadata(raw: Any, *, name: str | None = None, version: int | None = None) -> ModelMeta:
     """Validate a `model.json` document; raises StoreError naming the first problem."""
     if not isinstance(raw, dict):
         raise StoreError("model.json is not a JSON object")
     if raw.get("format") != METADATA_FORMAT:
         raise StoreError(f"model.json format {raw.get('format')!r} is not supported (expected {METADATA_FORMAT})")
-    for key in ("name", "version", "labels", "input", "created_at", "backbone"):
-        if key not in raw:
-            raise StoreError(f"model.json lacks {key!r}")
-    labels = raw["labels"]
-    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
-        raise StoreError("model.json 'labels' must be a list of at least two strings")
-    inp = raw["input"]
-    if not isinstance(inp, dict):
-        raise StoreError("model.json 'input' must be an object")
     try:
-        spec = InputSpec(
-            height=int(inp["height"]),
-            width=int(inp["width"]),
-            channels=int(inp.get("channels", 3)),
-            dtype=str(inp.get("dtype", "uint8")),
-            color=str(inp.get("color", "RGB")),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise StoreError(f"model.json 'input' is malformed: {exc}") from exc
-    if spec.channels != 3 or spec.dtype != "uint8" or spec.color != "RGB" or min(spec.height, spec.width) < 1:
-        raise StoreError(f"model.json 'input' must be RGB uint8 with 3 channels, got {inp}")
-    if name is not None and raw["name"] != name:
-        raise StoreError(f"model.json names model {raw['name']!r}, but it lives in folder {name!r}")
-    if version is not None and raw["version"] != version:
-        raise StoreError(f"model.json names version {raw['version']!r}, but it lives in folder {version}")
-    return ModelMeta(
-        name=str(raw["name"]),
-        version=int(raw["version"]),
-        labels=list(labels),
-        input=spec,
-        created_at=str(raw["created_at"]),
-        backbone=str(raw["backbone"]),
-        raw=raw,
-    )
+        meta = ModelMeta.model_validate(raw)
+    except ValidationError as exc:
+        raise StoreError(f"model.json is malformed: {describe_error(exc)}") from exc
+    if name is not None and meta.name != name:
+        raise StoreError(f"model.json names model {meta.name!r}, but it lives in folder {name!r}")
+    if version is not None and meta.version != version:
+        raise StoreError(f"model.json names version {meta.version!r}, but it lives in folder {version}")
+    return meta
 
 
 def read_metadata(path: Path, *, name: str | None = None, version: int | None = None) -> ModelMeta:
@@ -164,7 +115,7 @@ def publish(
     store: Path,
     name: str,
     write: Callable[[Path], None],
-    metadata: dict[str, Any],
+    metadata: ModelMeta | dict[str, Any],
 ) -> Path:
     """Publish a new version of `name` atomically and return its folder.
 
@@ -182,8 +133,9 @@ def publish(
         write(tmp)
         with _publish_lock(model_dir):
             version = max(list_versions(store, name), default=0) + 1
-            doc = {**metadata, "format": METADATA_FORMAT, "name": name, "version": version}
-            parse_metadata(doc, name=name, version=version)
+            given = metadata.document() if isinstance(metadata, ModelMeta) else metadata
+            doc = {**given, "format": METADATA_FORMAT, "name": name, "version": version}
+            doc = parse_metadata(doc, name=name, version=version).document()
             meta_tmp = tmp / (METADATA_FILE + ".part")
             meta_tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")
             os.replace(meta_tmp, tmp / METADATA_FILE)

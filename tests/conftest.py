@@ -10,20 +10,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("IMGSERVE_SHARED", REPO.parent / "shared"))
+from bench.harness import REPO, SHARED, ServerProcess, free_port, metric_sum  # noqa: E402
+
+__all__ = ["REPO", "free_port", "metric_sum"]
 CLOTHING = SHARED / "datasets" / "clothing-small"
 
 
@@ -80,49 +77,23 @@ def clone_version(store: Path, name: str, src: int, dst: int, mutate: dict[str, 
     return final
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+LiveServer = ServerProcess
 
 
-@dataclass
-class LiveServer:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
+def served_runtime(trained: Trained, **settings: object) -> object:
+    """In process, the runtime a server with these settings picks for the trained version (a variant or
+    the SavedModel): what its answers must equal."""
+    from service import runtimes, store
+    from service.settings import Settings
 
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.proc.wait(timeout)
+    path = trained.store / trained.name / str(trained.version)
+    return runtimes.load(path, store.read_metadata(path), Settings(**settings))
 
 
 def start_server(store: Path, tmp: Path, *, ready_timeout: float = 120, **env: str) -> LiveServer:
-    """`python -m service` on 127.0.0.1 and a free port, returned once /health/ready answers 200."""
-    port = free_port()
-    full_env = {**os.environ, "IMGSERVE_HOST": "127.0.0.1", "IMGSERVE_PORT": str(port),
-                "IMGSERVE_MODEL_STORE": str(store), "IMGSERVE_POLL_INTERVAL_S": "0.5", **env}
-    log = tmp / f"server-{port}.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=full_env, stdout=fh,
-                                stderr=subprocess.STDOUT)
-    server = LiveServer(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.logs()}")
-        try:
-            if httpx.get(server.url + "/health/ready", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.stop(signal.SIGKILL)
-    raise RuntimeError(f"server not ready after {ready_timeout}s:\n{server.logs()}")
+    """A real server on 127.0.0.1 (see bench.harness), polling the store every 0.5 s."""
+    env.setdefault("IMGSERVE_POLL_INTERVAL_S", "0.5")
+    return ServerProcess(store, tmp / f"server-{time.monotonic_ns()}.log", ready_timeout=ready_timeout, **env)
 
 
 @pytest.fixture
@@ -136,37 +107,36 @@ def live(trained: Trained, tmp_path: Path) -> Iterator[LiveServer]:
 
 
 class FakeClassifier:
-    """Stands in for a SavedModel in app tests: the class is the image's mean red value bucket."""
+    """Stands in for a runtime in app tests: the class is the image's mean red value bucket."""
+
+    runtime = "fake"
+    precision = "fp32"
 
     def __init__(self, meta: object, fail_warmup: bool = False) -> None:
         self.meta = meta
         self.batches: list[int] = []
         self.fail_warmup = fail_warmup
 
-    def predict_rows(self, rows: list[np.ndarray]) -> np.ndarray:
-        self.batches.append(len(rows))
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        if self.fail_warmup:
+            raise RuntimeError("warm-up exploded")
+        self.batches.append(len(images))
         k = self.meta.num_classes  # type: ignore[attr-defined]
-        out = np.full((len(rows), k), 0.1 / max(k - 1, 1), np.float32)
-        for i, r in enumerate(rows):
+        out = np.full((len(images), k), 0.1 / max(k - 1, 1), np.float32)
+        for i, r in enumerate(images):
             out[i, int(r[..., 0].mean()) * k // 256] = 0.9
         return out
 
-    def warmup(self, batch_sizes: list[int], in_flight: int = 1) -> float:
-        if self.fail_warmup:
-            raise RuntimeError("warm-up exploded")
-        return 0.0
 
-
-def write_fake_version(store: Path, name: str, version: int, labels: list[str], size: int = 16) -> Path:
+def write_fake_version(store: Path, name: str, version: int, labels: list[str], size: int = 16,
+                       **meta: object) -> Path:
+    from service.metadata import ModelMeta
     from service.store import publish
 
     def write(tmp: Path) -> None:
         (tmp / "saved_model.pb").write_bytes(b"fake")
 
-    final = publish(store, name, write, {
-        "created_at": "2026-01-01T00:00:00Z", "labels": labels,
-        "input": {"height": size, "width": size, "channels": 3, "dtype": "uint8", "color": "RGB"},
-        "backbone": "fake", "weights": "none", "metrics": {}, "dataset": {}, "training": {},
-    })
+    final = publish(store, name, write, ModelMeta.create(labels=labels, size=(size, size), backbone="fake",
+                                                             **meta))
     assert final.name == str(version)
     return final

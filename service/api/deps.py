@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import base64
 import hmac
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import cv2
 import numpy as np
 import orjson
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 
-from service.errors import NotReady, Unauthorized
+from service.errors import BadRequest, NotReady, Unauthorized
 from service.metrics import Metrics
 from service.registry import Registry
 from service.settings import Settings
@@ -50,6 +51,34 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 PREDICT_ERRORS = error_responses(400, 401, 404, 408, 413, 415, 422, 429, 503, 504)
 
 
+M = TypeVar("M", bound=BaseModel)
+BODY_MODELS: dict[str, type[BaseModel]] = {}  # request bodies the OpenAPI document describes (see app.py)
+
+
+def json_body_doc(model: type[BaseModel], example: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """`openapi_extra` for a route that parses `model` from its JSON body itself (its schema comes from the model)."""
+    BODY_MODELS[model.__name__] = model
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": ref, "example": example}, **more}}}
+
+
+def parse_body(model: type[M], raw: bytes, hints: dict[str, str] | None = None) -> M:
+    """Validate a JSON body against `model`; a 400 naming the first problem (and the field's hint)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = [str(p) for p in first["loc"]]
+        if first["type"] == "json_invalid":
+            raise BadRequest(f"the body is not valid JSON: {first['msg']}") from exc
+        if first["type"] == "model_type" and not loc:
+            raise BadRequest("the body must be a JSON object") from exc
+        message = f"{'.'.join(loc)}: {first['msg']}" if loc else first["msg"].removeprefix("Value error, ")
+        hint = (hints or {}).get(loc[0]) if loc else None
+        raise BadRequest(message + (f" ({hint})" if hint else "")) from exc
+
+
 class ORJSONResponse(JSONResponse):
     """JSON with orjson: several times faster than the standard library for large probability arrays."""
 
@@ -68,6 +97,16 @@ class State:
 
 def get_state(request: Request) -> State:
     return request.app.state  # type: ignore[no-any-return]
+
+
+def not_ready_reason(request: Request) -> str | None:
+    """Why the service cannot answer predictions now, or None when it can (every readiness endpoint)."""
+    if getattr(request.app.state, "draining", False):
+        return "draining for shutdown"
+    registry: Registry | None = getattr(request.app.state, "registry", None)
+    if registry is None or not registry.ready:
+        return "no model is loaded yet"
+    return None
 
 
 def get_registry(request: Request) -> Registry:

@@ -11,9 +11,11 @@ from fastapi.responses import FileResponse, Response
 from starlette.datastructures import UploadFile
 
 from service import store
-from service.api.deps import PREDICT_ERRORS, AppState, ORJSONResponse, PredictAuth, RegistryDep
+from service.api.deps import PREDICT_ERRORS, AppState, ORJSONResponse, PredictAuth, RegistryDep, not_ready_reason
+from service.api.views import describe_models, runtime_view
 from service.errors import BadRequest, NotFound, NotReady, UnsupportedMediaType
-from service.inference import deadline_for, decode_all, run_rows, top_k
+from service.loading import ServedVersion
+from service.pipeline import Images, infer, top_k
 
 router = APIRouter()
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -46,7 +48,7 @@ PREDICT_EXAMPLE = {
 }
 
 
-async def read_images(request: Request, max_files: int, max_fields: int) -> tuple[list[bytes], list[str]]:
+async def read_images(request: Request, max_files: int, max_fields: int) -> Images:
     """The images of a request: multipart parts named `file`, or the whole body when it is an image."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
@@ -55,17 +57,17 @@ async def read_images(request: Request, max_files: int, max_fields: int) -> tupl
             parts = form.getlist("file")
             if not parts:
                 raise BadRequest(f"the multipart body has no part named 'file' (it has: {', '.join(form.keys())})")
-            blobs, names = [], []
+            images = Images()
             for i, part in enumerate(parts):
                 if not isinstance(part, UploadFile):
                     raise BadRequest(f"part {i + 1} named 'file' is a text field, not a file upload")
-                blobs.append(await part.read())
-                names.append(part.filename or f"image-{i + 1}")
-            return blobs, names
+                images.blobs.append(await part.read())
+                images.names.append(part.filename or f"image-{i + 1}")
+            return images
         finally:
             await form.close()
     if ctype.startswith("image/") or ctype == "application/octet-stream":
-        return [await request.body()], ["body"]
+        return Images(blobs=[await request.body()], names=["body"])
     raise UnsupportedMediaType(
         f"content type {ctype or '(none)'} is not accepted: send multipart/form-data with 'file' parts, "
         "or one image as the body with an image/* content type"
@@ -87,34 +89,30 @@ async def read_images(request: Request, max_files: int, max_fields: int) -> tupl
 async def predict(
     request: Request,
     state: AppState,
-    registry: RegistryDep,
     model: Annotated[str | None, Query(description="model name (default: the only or default model)",
                                        max_length=64)] = None,
     version: Annotated[int | None, Query(ge=1, description="version (default: the one served)")] = None,
     top_k_: Annotated[int, Query(alias="top_k", ge=1, le=1000, description="classes per image")] = 5,
 ) -> Response:
     settings = state.settings
-    deadline = deadline_for(request, settings)
-    served = registry.resolve(model, version)
-    with served.acquire():
-        with served.batcher.incoming():  # rows on their way: the batcher may wait for them
-            blobs, names = await read_images(request, settings.max_images_per_request, settings.max_form_fields)
-            h, w = served.meta.input.height, served.meta.input.width
-            rows = await decode_all(blobs, h, w, settings, request.app.state.decode_pool, state.metrics)
-        outcome = await run_rows(request, served, rows, deadline, state.metrics)
-    tops = top_k(outcome.probabilities, served.meta.labels, top_k_)
+
+    async def parse(served: ServedVersion) -> Images:
+        return await read_images(request, settings.max_images_per_request, settings.max_form_fields)
+
+    outcome = await infer(request, model, version, parse)
+    tops = top_k(outcome.probabilities, outcome.served.meta.labels, top_k_)
     body = {
-        "model": served.name,
-        "version": served.version,
-        "predictions": [{"filename": n, "top": t} for n, t in zip(names, tops, strict=True)],
+        "model": outcome.served.name,
+        "version": outcome.served.version,
+        "predictions": [{"filename": n, "top": t} for n, t in zip(outcome.names, tops, strict=True)],
     }
     return ORJSONResponse(body, headers=outcome.headers())
 
 
-@router.get("/v1/models", tags=["models"], summary="Models, versions, states and labels",
+@router.get("/v1/models", tags=["models"], summary="Models, versions, states, runtimes and labels",
             response_class=ORJSONResponse)
 async def list_models(registry: RegistryDep) -> Response:
-    return ORJSONResponse({"models": registry.describe()})
+    return ORJSONResponse({"models": describe_models(registry)})
 
 
 @router.get("/health/live", tags=["health"], summary="The process answers",
@@ -126,12 +124,12 @@ async def live() -> dict[str, str]:
 @router.get("/health/ready", tags=["health"], summary="A model is loaded and warm, and not draining",
             responses={503: {"description": "starting, no model loaded, or draining for shutdown"}})
 async def ready(request: Request) -> dict[str, Any]:
-    registry = getattr(request.app.state, "registry", None)
-    if getattr(request.app.state, "draining", False):
-        raise NotReady("draining for shutdown")
-    if registry is None or not registry.ready:
-        raise NotReady("no model is loaded yet")
+    reason = not_ready_reason(request)
+    if reason is not None:
+        raise NotReady(reason)
+    registry = request.app.state.registry
     return {"status": "ready", "models": {n: s.version for n, s in registry.served.items()},
+            "runtimes": {n: runtime_view(s) for n, s in registry.served.items()},
             "device": getattr(request.app.state, "device", "unknown")}
 
 

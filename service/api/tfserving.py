@@ -2,43 +2,86 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
-import numpy as np
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, Field, model_validator
 
-from service.api.deps import EXAMPLE_JPEG_B64, PREDICT_ERRORS, AppState, ORJSONResponse, PredictAuth, RegistryDep
-from service.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
-from service.inference import deadline_for, decode_all, run_rows
-from service.registry import Registry, ServedVersion
+from service.api.deps import (
+    EXAMPLE_JPEG_B64,
+    PREDICT_ERRORS,
+    ORJSONResponse,
+    PredictAuth,
+    RegistryDep,
+    json_body_doc,
+    parse_body,
+)
+from service.api.views import runtime_view
+from service.errors import BadRequest, NotFound, UnsupportedMediaType
+from service.loading import ServedVersion
+from service.pipeline import Images, b64_image, infer, pixel_rows
+from service.registry import Registry
+from service.store import parse_version
 
 router = APIRouter(tags=["tensorflow-serving"])
 
-PREDICT_EXAMPLE = {"instances": [{"b64": EXAMPLE_JPEG_B64}]}
-PREDICT_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"type": "object"}, "example": PREDICT_EXAMPLE}},
-    }
-}
+
+class PredictRequest(BaseModel):
+    """A TF Serving predict body: `instances` (row format) or `inputs` (columnar), not both."""
+
+    signature_name: str | None = Field("serving_default", description="only 'serving_default'")
+    instances: list[Any] | None = Field(None, description="one entry per image: {'b64': ...} or [H][W][3] pixels")
+    inputs: list[Any] | dict[str, list[Any]] | None = Field(None, description="columnar: a list, or {'images': [...]}")
+
+    @model_validator(mode="after")
+    def _one_format(self) -> PredictRequest:
+        if (self.instances is None) == (self.inputs is None):
+            raise ValueError("the body must hold exactly one of 'instances' (row format) or 'inputs' (columnar)")
+        if self.signature_name not in ("serving_default", "", None):
+            raise ValueError(f"unknown signature {self.signature_name!r}: this model has 'serving_default'")
+        if isinstance(self.inputs, dict) and set(self.inputs) != {"images"}:
+            raise ValueError(f"unknown inputs {sorted(self.inputs)}: this model takes 'images'")
+        return self
+
+    def items(self) -> list[Any]:
+        if self.instances is not None:
+            return self.instances
+        return self.inputs["images"] if isinstance(self.inputs, dict) else list(self.inputs or [])
+
+
+class PredictResponse(BaseModel):
+    predictions: list[list[float]] | None = Field(None, description="row format: probabilities per image")
+    outputs: list[list[float]] | None = Field(None, description="columnar format: probabilities per image")
+
+
+class VersionStatus(BaseModel):
+    version: str
+    state: str
+    status: dict[str, str]
+
+
+class StatusResponse(BaseModel):
+    model_version_status: list[VersionStatus]
+
+
+PREDICT_DOC = json_body_doc(PredictRequest, {"instances": [{"b64": EXAMPLE_JPEG_B64}]})
+HINTS = {"instances": "a list of images", "inputs": "a list of images, or {'images': [...]}"}
 ERRORS = PREDICT_ERRORS
 
 
 def _version(text: str) -> int:
-    if not text.isdigit() or int(text) < 1 or (len(text) > 1 and text[0] == "0"):
+    version = parse_version(text)
+    if version is None:
         raise NotFound(f"version {text!r} is not a positive integer")
-    return int(text)
+    return version
 
 
-def _split_action(target: str) -> tuple[str, str]:
+def _split_action(target: str) -> str:
     base, sep, action = target.rpartition(":")
     if not sep or action != "predict":
         raise NotFound(f"unknown method {target!r}: use ':predict'")
-    return base, action
+    return base
 
 
 def _resolve(registry: Registry, name: str, version: int | None) -> ServedVersion:
@@ -60,101 +103,65 @@ def _instance_payload(item: Any) -> Any:
     return item
 
 
-async def _rows(request: Request, state: AppState, served: ServedVersion, items: list[Any]) -> list[np.ndarray]:
-    settings = state.settings
+def _images(items: list[Any], served: ServedVersion) -> Images:
     if not items:
         raise BadRequest("no instances to predict")
-    if len(items) > settings.max_images_per_request:
-        raise PayloadTooLarge(f"{len(items)} instances; the limit is {settings.max_images_per_request}")
-    h, w = served.meta.input.height, served.meta.input.width
     payloads = [_instance_payload(i) for i in items]
     if all(isinstance(p, dict) for p in payloads):
-        blobs = []
-        for i, p in enumerate(payloads):
-            if not isinstance(p["b64"], str):
-                raise BadRequest(f"instance {i}: 'b64' must be a string")
-            try:
-                blobs.append(base64.b64decode(p["b64"], validate=True))
-            except (binascii.Error, ValueError) as exc:
-                raise BadRequest(f"instance {i}: invalid base64 ({exc})") from exc
-        return await decode_all(blobs, h, w, settings, request.app.state.decode_pool, state.metrics)
+        return Images(blobs=[b64_image(p["b64"], f"instance {i}: 'b64'") for i, p in enumerate(payloads)])
     if any(isinstance(p, dict) for p in payloads):
         raise BadRequest("mixing b64 and pixel-array instances in one request is not supported")
-    try:
-        arr = np.asarray(payloads)
-    except ValueError as exc:
-        raise BadRequest(f"the pixel arrays are ragged: {exc}") from exc
-    if arr.shape[1:] != (h, w, 3):
-        raise BadRequest(f"pixel arrays must have shape [{h}, {w}, 3] per instance; got {list(arr.shape[1:])}")
-    if arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0)):
-        raise BadRequest("pixel values must be integers from 0 to 255 (uint8 input)")
-    if arr.size and (arr.min() < 0 or arr.max() > 255):
-        raise BadRequest("pixel values must be between 0 and 255 (uint8 input)")
-    return list(arr.astype(np.uint8))
+    return Images(pixels=pixel_rows(payloads, served.meta.input.height, served.meta.input.width))
 
 
-async def _predict(request: Request, state: AppState, registry: Registry, name: str, version: int | None) -> Response:
-    deadline = deadline_for(request, state.settings)
-    served = _resolve(registry, name, version)
+async def _predict(request: Request, name: str, version: int | None) -> Response:
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype not in ("application/json", "", "text/plain"):
         raise UnsupportedMediaType(f"content type {ctype} is not accepted: send application/json")
-    with served.acquire():
-        with served.batcher.incoming():  # rows on their way: the batcher may wait for them
-            try:
-                body = orjson.loads(await request.body())
-            except orjson.JSONDecodeError as exc:
-                raise BadRequest(f"the body is not valid JSON: {exc}") from exc
-            if not isinstance(body, dict):
-                raise BadRequest("the body must be a JSON object with 'instances' or 'inputs'")
-            sig = body.get("signature_name", "serving_default")
-            if sig not in ("serving_default", "", None):
-                raise BadRequest(f"unknown signature {sig!r}: this model has 'serving_default'")
-            if ("instances" in body) == ("inputs" in body):
-                raise BadRequest("the body must hold exactly one of 'instances' (row format) or 'inputs' (columnar)")
-            columnar = "inputs" in body
-            items = body["inputs"] if columnar else body["instances"]
-            if columnar and isinstance(items, dict):
-                if set(items) != {"images"}:
-                    raise BadRequest(f"unknown inputs {sorted(items)}: this model takes 'images'")
-                items = items["images"]
-            if not isinstance(items, list):
-                raise BadRequest("'instances' / 'inputs' must be a list")
-            rows = await _rows(request, state, served, items)
-        outcome = await run_rows(request, served, rows, deadline, state.metrics)
+    columnar = False
+
+    async def parse(served: ServedVersion) -> Images:
+        nonlocal columnar
+        body = parse_body(PredictRequest, await request.body(), HINTS)
+        columnar = body.inputs is not None
+        return _images(body.items(), served)
+
+    try:
+        outcome = await infer(request, name, version, parse)
+    except NotFound as exc:
+        raise NotFound(f"Servable not found for request: {exc.message}") from exc
     key = "outputs" if columnar else "predictions"
     return ORJSONResponse({key: outcome.probabilities}, headers=outcome.headers())
 
 
 @router.post("/v1/models/{target}", summary="TF Serving predict: POST /v1/models/{model}:predict",
-             openapi_extra=PREDICT_DOC, responses=ERRORS, dependencies=[PredictAuth])
-async def predict(target: str, request: Request, state: AppState, registry: RegistryDep) -> Response:
-    name, _ = _split_action(target)
-    return await _predict(request, state, registry, name, None)
+             openapi_extra=PREDICT_DOC, responses={200: {"model": PredictResponse}, **ERRORS},
+             dependencies=[PredictAuth])
+async def predict(target: str, request: Request) -> Response:
+    return await _predict(request, _split_action(target), None)
 
 
 @router.post("/v1/models/{model}/versions/{target}",
              summary="TF Serving predict on a version: POST /v1/models/{model}/versions/{v}:predict",
-             openapi_extra=PREDICT_DOC, responses=ERRORS, dependencies=[PredictAuth])
-async def predict_version(model: str, target: str, request: Request, state: AppState,
-                          registry: RegistryDep) -> Response:
-    text, _ = _split_action(target)
-    return await _predict(request, state, registry, model, _version(text))
+             openapi_extra=PREDICT_DOC, responses={200: {"model": PredictResponse}, **ERRORS},
+             dependencies=[PredictAuth])
+async def predict_version(model: str, target: str, request: Request) -> Response:
+    return await _predict(request, model, _version(_split_action(target)))
 
 
-def _status(registry: Registry, name: str, version: int | None) -> dict[str, Any]:
+def _status(registry: Registry, name: str, version: int | None) -> StatusResponse:
     served = _resolve(registry, name, version)
-    return {"model_version_status": [{"version": str(served.version), "state": "AVAILABLE",
-                                      "status": {"error_code": "OK", "error_message": ""}}]}
+    return StatusResponse(model_version_status=[VersionStatus(version=str(served.version), state="AVAILABLE",
+                                                              status={"error_code": "OK", "error_message": ""})])
 
 
 @router.get("/v1/models/{model}", summary="TF Serving model status", responses=ERRORS)
-async def status(model: str, registry: RegistryDep) -> dict[str, Any]:
+async def status(model: str, registry: RegistryDep) -> StatusResponse:
     return _status(registry, model, None)
 
 
 @router.get("/v1/models/{model}/versions/{version}", summary="TF Serving model version status", responses=ERRORS)
-async def status_version(model: str, version: str, registry: RegistryDep) -> dict[str, Any]:
+async def status_version(model: str, version: str, registry: RegistryDep) -> StatusResponse:
     return _status(registry, model, _version(version))
 
 
@@ -166,17 +173,17 @@ def _metadata(registry: Registry, name: str, version: int | None) -> dict[str, A
     served = _resolve(registry, name, version)
     h, w = served.meta.input.height, served.meta.input.width
     sig = {
-        "inputs": {"images": {"dtype": "DT_UINT8", "name": "serving_default_images:0",
+        "inputs": {"images": {"dtype": "DT_UINT8", "name": "images",
                               "tensor_shape": {"dim": [_dim(None), _dim(h), _dim(w), _dim(3)],
                                                "unknown_rank": False}}},
-        "outputs": {"probabilities": {"dtype": "DT_FLOAT", "name": "StatefulPartitionedCall:0",
+        "outputs": {"probabilities": {"dtype": "DT_FLOAT", "name": "probabilities",
                                       "tensor_shape": {"dim": [_dim(None), _dim(served.meta.num_classes)],
                                                        "unknown_rank": False}}},
         "method_name": "tensorflow/serving/predict",
     }
     return {"model_spec": {"name": served.name, "signature_name": "", "version": str(served.version)},
             "metadata": {"signature_def": {"signature_def": {"serving_default": sig}}},
-            "labels": served.meta.labels}
+            "labels": served.meta.labels, **runtime_view(served)}
 
 
 @router.get("/v1/models/{model}/metadata", summary="TF Serving model metadata (signature)", responses=ERRORS)

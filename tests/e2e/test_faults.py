@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.__main__ import rss_bytes as rss
-from bench.__main__ import wrk
+from bench.harness import rss_bytes as rss
+from bench.runs import wrk
 from bench.soak import open_loop, server_counts
 from tests.conftest import LiveServer, Trained, clone_version, clothing_images, start_server
-from tests.e2e.test_server import Load, metric, wait_for
+from tests.e2e.test_server import Load, wait_for
 
 pytestmark = pytest.mark.slow
 OVERLOAD_S = float(os.environ.get("IMGSERVE_TEST_OVERLOAD_S", "20"))
@@ -65,7 +65,7 @@ def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path) -> 
         assert r.elapsed.total_seconds() < 1.0, r.elapsed
         assert time.perf_counter() - t < 120
         assert rss(server.proc.pid) < rss_before * 1.5 + 200 * 2**20
-        assert metric(server, 'imgserve_rejections_total{reason="queue_full"}') > 0
+        assert server.metric("imgserve_rejections_total", reason="queue_full") > 0
         assert server.proc.poll() is None
     finally:
         server.stop(signal.SIGKILL)
@@ -73,7 +73,7 @@ def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path) -> 
 
 def test_expired_rows_are_never_run(live: LiveServer) -> None:
     image = clothing_images(1)[0].read_bytes()
-    before = metric(live, "imgserve_batch_size_sum{")
+    before = live.metric("imgserve_batch_size_sum")
     with ThreadPoolExecutor(24) as pool:
         rs = list(pool.map(lambda _: httpx.post(live.url + "/predict", content=image, timeout=30,
                                                 headers={"Content-Type": "image/jpeg", "X-Request-Timeout-Ms": "1"}),
@@ -82,10 +82,10 @@ def test_expired_rows_are_never_run(live: LiveServer) -> None:
     expired = codes.count(504)
     assert set(codes) <= {200, 504} and expired > 0, codes
     assert all(r.json()["code"] == "deadline_exceeded" for r in rs if r.status_code == 504)
-    ran = metric(live, "imgserve_batch_size_sum{") - before
+    ran = live.metric("imgserve_batch_size_sum") - before
     assert ran == codes.count(200)  # the model ran exactly the rows that were answered
     # each expired request was refused before queueing or dropped from the queue, never run
-    refused = metric(live, 'imgserve_rejections_total{reason="deadline"}')
+    refused = live.metric("imgserve_rejections_total", reason="deadline")
     assert refused >= expired
 
 
@@ -141,7 +141,7 @@ def test_twenty_hot_swaps_under_load(live: LiveServer, trained: Trained) -> None
     assert load.errors == []
     assert {s for s, _, _ in load.results} == {200}
     assert all(str(b) == h for _, b, h in load.results)
-    assert metric(live, 'imgserve_model_loads_total{model="clothing",outcome="success"}') == 21
+    assert live.metric("imgserve_model_loads_total", model="clothing", outcome="success") == 21
     assert len(load.results) > 50
 
 
@@ -186,7 +186,7 @@ def test_broken_version_cases(live: LiveServer, trained: Trained, case: str) -> 
             meta["version"] = new
             (dst / "model.json").write_text(json.dumps(meta))
             shutil.copy(src / "saved_model.pb", dst / "saved_model.pb")
-            assert wait_for(lambda: metric(live, 'imgserve_model_loads_total{model="clothing",outcome="failure"}') >= 1)
+            assert wait_for(lambda: live.metric("imgserve_model_loads_total", model="clothing", outcome="failure") >= 1)
             shutil.copytree(src / "variables", dst / "variables")
             for extra in ("fingerprint.pb", "assets"):
                 if (src / extra).is_dir():

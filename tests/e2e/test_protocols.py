@@ -12,7 +12,7 @@ import pytest
 import tritonclient.http as triton
 
 from service.imaging import load_image
-from tests.conftest import LiveServer, Trained, clothing_images
+from tests.conftest import LiveServer, Trained, clothing_images, metric_sum
 
 pytestmark = pytest.mark.slow
 
@@ -145,10 +145,7 @@ def test_all_protocols_share_batches(live: LiveServer, trained: Trained) -> None
         assert [f.result() for f in futures] == [200] * 24
     after = httpx.get(live.url + "/metrics").text
 
-    def total(text: str, name: str) -> float:
-        return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(name))
-
-    batches = total(after, "imgserve_batch_size_count{") - total(before, "imgserve_batch_size_count{")
-    rows = total(after, "imgserve_batch_size_sum{") - total(before, "imgserve_batch_size_sum{")
+    batches = metric_sum(after, "imgserve_batch_size_count") - metric_sum(before, "imgserve_batch_size_count")
+    rows = metric_sum(after, "imgserve_batch_size_sum") - metric_sum(before, "imgserve_batch_size_sum")
     assert rows == 24 and batches < 24  # the three protocols' rows were run together
     client.close()

@@ -14,8 +14,10 @@ import httpx
 import numpy as np
 import pytest
 
+from service.cpu import cpu_has_bf16
 from service.imaging import load_image
-from service.model import SavedModelClassifier, cpu_has_bf16
+from service.runtimes import warmup
+from service.runtimes.tensorflow import SavedModelRuntime as SavedModelClassifier
 from tests.conftest import LiveServer, Trained, clone_version, clothing_images, start_server
 
 pytestmark = pytest.mark.slow
@@ -24,11 +26,6 @@ pytestmark = pytest.mark.slow
 def post(client: httpx.Client, path: Path, **params: object) -> httpx.Response:
     return client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")},
                        params={"top_k": 3, **params})
-
-
-def metric(server: LiveServer, name: str) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def test_concurrent_requests_are_batched_and_correct(live: LiveServer, trained: Trained) -> None:
@@ -46,8 +43,8 @@ def test_concurrent_requests_are_batched_and_correct(live: LiveServer, trained: 
         for t in top:
             got[t["index"]] = t["score"]
         np.testing.assert_allclose(got, want, atol=1e-5)  # served == in-process, row by row
-    count = metric(live, 'imgserve_batch_size_count{')
-    rows = metric(live, 'imgserve_batch_size_sum{')
+    count = live.metric("imgserve_batch_size_count")
+    rows = live.metric("imgserve_batch_size_sum")
     assert rows >= 24 + 0 and count < rows, (count, rows)  # some batch held more than one image
     # one multipart request with several images: answers in order
     with httpx.Client(base_url=live.url, timeout=30) as client:
@@ -136,7 +133,7 @@ def test_broken_version_is_refused_old_keeps_serving(live: LiveServer, trained: 
         clone_path.write_text(clone_path.read_text().replace('"labels": [', '"labels": ["extra", '))
     image = clothing_images(1)[0]
     with Load(live.url, [image], clients=2) as load:
-        assert wait_for(lambda: metric(live, 'imgserve_model_loads_total{model="clothing",outcome="failure"}') >= 1)
+        assert wait_for(lambda: live.metric("imgserve_model_loads_total", model="clothing", outcome="failure") >= 1)
         n = len(load.results)
         assert wait_for(lambda: len(load.results) > n + 5)
     assert load.errors == [] and {s for s, _, _ in load.results} == {200}
@@ -165,7 +162,7 @@ def test_sigterm_under_load_loses_no_accepted_request(trained: Trained, tmp_path
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(one, i) for i in range(16)]
         assert wait_for(lambda: "imgserve_queue_depth" in httpx.get(server.url + "/metrics").text
-                        and metric(server, "imgserve_queue_depth{") >= 8, timeout=20)
+                        and server.metric("imgserve_queue_depth") >= 8, timeout=20)
         server.proc.send_signal(signal.SIGTERM)
         outcomes = [f.result() for f in futures]
     assert server.proc.wait(60) == 0
@@ -210,9 +207,9 @@ def test_warmup_runs_the_batches_in_flight_at_once(trained: Trained) -> None:
         return predict(x)
 
     clf.predict = recording  # type: ignore[method-assign]
-    clf.warmup([1, 4], in_flight=2)
+    warmup(clf, [1, 4], in_flight=2)
     assert sorted(n for n, _ in calls) == [1, 4, 4]  # the largest size twice, not a third time alone
     assert len({t for n, t in calls if n == 4}) == 2  # on two threads
     calls.clear()
-    clf.warmup([1, 4])
+    warmup(clf, [1, 4])
     assert [n for n, _ in calls] == [1, 4]

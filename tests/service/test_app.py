@@ -16,7 +16,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import FakeClassifier, write_fake_version
+from tests.conftest import FakeClassifier, metric_sum, write_fake_version
 
 LABELS = ["dark", "mid", "bright"]
 
@@ -77,16 +77,9 @@ async def test_concurrent_requests_share_batches(client: httpx.AsyncClient) -> N
                                 for v in (10, 128, 250, 10, 250)))
     assert [r.json()["predictions"][0]["top"][0]["label"] for r in rs] == ["dark", "mid", "bright", "dark", "bright"]
     metrics = (await client.get("/metrics")).text
-    count = _sample(metrics, 'imgserve_batch_size_count{model="fake",version="1"}')
-    total = _sample(metrics, 'imgserve_batch_size_sum{model="fake",version="1"}')
+    count = metric_sum(metrics, "imgserve_batch_size_count", model="fake", version="1")
+    total = metric_sum(metrics, "imgserve_batch_size_sum", model="fake", version="1")
     assert total >= 5 and count < total  # at least one batch held more than one row
-
-
-def _sample(text: str, prefix: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{prefix} not in metrics")
 
 
 @pytest.mark.parametrize(
@@ -215,3 +208,42 @@ async def test_models_allowlist(tmp_path: Path) -> None:
             assert (await c.get("/health/ready")).json()["models"] == {"other": 1}
             r = await c.post("/predict?model=fake", content=jpeg(1), headers={"Content-Type": "image/jpeg"})
             assert r.status_code == 404
+
+
+async def test_model_json_batching_block_overrides_the_settings(tmp_path: Path) -> None:
+    """A model's own `batching` block wins over the service-wide settings, for that model only."""
+    write_fake_version(tmp_path, "small", 1, LABELS, batching={"max_batch_size": 2, "max_batch_delay_ms": 200})
+    write_fake_version(tmp_path, "other", 1, LABELS)
+    fakes: dict[str, FakeClassifier] = {}
+
+    def loader(path: Path, meta: object) -> FakeClassifier:
+        fakes[meta.name] = FakeClassifier(meta)  # type: ignore[attr-defined]
+        return fakes[meta.name]  # type: ignore[attr-defined]
+
+    settings = Settings(model_store=tmp_path, max_batch_size=16, max_batch_delay_ms=200, poll_interval_s=0.05)
+    app = create_app(settings, loader=loader)
+    async with LifespanManager(app) as manager:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
+            for _ in range(200):
+                if (await c.get("/health/ready")).json().get("models", {}).keys() == {"small", "other"}:
+                    break
+                await asyncio.sleep(0.02)
+            for name in ("small", "other"):
+                fakes[name].batches.clear()  # drop warm-up
+                rs = await asyncio.gather(*(c.post(f"/predict?model={name}", content=jpeg(v),
+                                                   headers={"Content-Type": "image/jpeg"}) for v in range(6)))
+                assert all(r.status_code == 200 for r in rs)
+            assert max(fakes["small"].batches) == 2 and sum(fakes["small"].batches) == 6
+            assert max(fakes["other"].batches) > 2  # the service-wide 16 applies to the model without a block
+            warm = [1, 2]  # warm-up follows the model's own largest batch
+            assert list(app.state.registry.served["small"].batching.warmup_sizes) == warm
+
+
+def test_list_and_map_settings_are_typed() -> None:
+    s = Settings(models="a, b,,c", pinned_versions="m=3, n=1", warmup_batch_sizes="1,8", cors_origins="")
+    assert s.models == ["a", "b", "c"] and s.pinned_versions == {"m": 3, "n": 1}
+    assert s.warmup_batch_sizes == [1, 8] and s.cors_origins == []
+    assert s.batching.warmup_sizes == (1, 8)
+    for bad in ({"pinned_versions": "m"}, {"pinned_versions": "m=0"}, {"warmup_batch_sizes": "1,x"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Settings(**bad)

@@ -167,3 +167,24 @@ async def test_documented_examples_work_when_tried(client: httpx.AsyncClient) ->
     ks = spec["paths"]["/v2/models/{model}/infer"]["post"]["requestBody"]["content"]["application/json"]["example"]
     r = await client.post("/v2/models/fake/infer", json=ks)
     assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [1, 3]
+
+
+async def test_protocol_bodies_are_documented_from_their_models(client: httpx.AsyncClient) -> None:
+    """The OpenAPI document takes the KServe and TF Serving bodies from the pydantic models, and what the
+    server answers validates against the response models."""
+    from service.api.kserve import InferenceResponse, ModelMetadata
+    from service.api.tfserving import PredictResponse
+
+    doc = (await client.get("/openapi.json")).json()
+    schemas = doc["components"]["schemas"]
+    assert {"InferenceRequest", "RequestInput", "PredictRequest", "InferenceResponse"} <= set(schemas)
+    assert schemas["RequestInput"]["properties"]["shape"]["items"]["minimum"] == 0
+    body = doc["paths"]["/v2/models/{model}/infer"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/InferenceRequest"}
+    r = await client.post("/v2/models/fake/infer", json=infer_body())
+    InferenceResponse.model_validate(r.json())
+    assert r.headers["x-model-runtime"] == "fake/fp32"
+    meta = ModelMetadata.model_validate((await client.get("/v2/models/fake")).json())
+    assert meta.parameters["runtime"] == "fake" and meta.platform == "fake"
+    r = await client.post("/v1/models/fake:predict", json={"instances": [PIX]})
+    assert PredictResponse.model_validate(r.json()).predictions is not None

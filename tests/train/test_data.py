@@ -99,5 +99,5 @@ def test_help_explains_every_option() -> None:
     r = subprocess.run([sys.executable, "-m", "train", "--help"], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0
-    for opt in ("--backbone", "--weights", "--fine-tune-layers", "--image-size", "hed", "flowers"):
+    for opt in ("--backbone", "--weights", "--fine-tune-from", "--image-size", "hed", "flowers"):
         assert opt in r.stdout

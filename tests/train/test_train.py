@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from service.imaging import load_image
-from service.model import SavedModelClassifier
+from service.runtimes.tensorflow import SavedModelRuntime as SavedModelClassifier
 from tests.conftest import Trained
 from train.model import build_backbone
 from train.pipeline import TrainConfig, run

@@ -1,13 +1,21 @@
-"""What every API does with images: decode off the event loop, queue the rows, await the answers."""
+"""The one request pipeline every protocol goes through.
+
+    deadline -> resolve + acquire the version -> (batcher.incoming: parse, limits, decode) -> run_rows
+
+A protocol module supplies only a parser ("this body into images") and renders the `Outcome`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from starlette.requests import Request
@@ -24,8 +32,8 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.imaging import ImageError, ImageTooLarge, UnsupportedImageFormat, decode_image
+from service.loading import ServedVersion
 from service.metrics import Metrics
-from service.registry import ServedVersion
 from service.settings import Settings
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -36,22 +44,60 @@ class ClientGone(Exception):
 
 
 @dataclass
+class Images:
+    """What a protocol parsed from its body: encoded images to decode, or pixel rows already checked."""
+
+    blobs: list[bytes] = field(default_factory=list)
+    pixels: list[np.ndarray] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.blobs) + len(self.pixels)
+
+
+Parser = Callable[[ServedVersion], Awaitable[Images]]
+
+
+@dataclass
 class Outcome:
-    """The rows' probabilities and how they were made (for Server-Timing)."""
+    """The rows' probabilities, who computed them, and how (for the headers)."""
 
     probabilities: np.ndarray
     queue_s: float
     run_s: float
     batch_size: int
     served: ServedVersion
+    names: list[str] = field(default_factory=list)
 
     def headers(self) -> dict[str, str]:
+        rt = self.served.runtime
         return {
             "X-Model-Name": self.served.name,
             "X-Model-Version": str(self.served.version),
+            "X-Model-Runtime": f"{rt.runtime}/{rt.precision}",
             "Server-Timing": f"queue;dur={self.queue_s * 1e3:.2f}, inference;dur={self.run_s * 1e3:.2f}, "
             f'batch;desc="{self.batch_size}"',
         }
+
+
+async def infer(request: Request, model: str | None, version: int | None, parse: Parser) -> Outcome:
+    """Run one request's images through the version that serves `model` (and `version`)."""
+    state = request.app.state
+    settings: Settings = state.settings
+    deadline = deadline_for(request, settings)
+    registry = getattr(state, "registry", None)
+    if registry is None:
+        raise NotReady("the service is starting")
+    served: ServedVersion = registry.resolve(model, version)
+    with served.acquire():
+        with served.batcher.incoming():  # rows on their way: the batcher may wait for them
+            images = await parse(served)
+            check_count(len(images), settings)
+            h, w = served.meta.input.height, served.meta.input.width
+            rows = images.pixels or await decode_all(images.blobs, h, w, settings, state.decode_pool, state.metrics)
+        outcome = await run_rows(request, served, rows, deadline, state.metrics)
+    outcome.names = images.names
+    return outcome
 
 
 def deadline_for(request: Request, settings: Settings) -> float:
@@ -68,6 +114,41 @@ def deadline_for(request: Request, settings: Settings) -> float:
     return time.monotonic() + timeout_ms / 1000.0
 
 
+def check_count(n: int, settings: Settings) -> None:
+    if n == 0:
+        raise BadRequest("the request holds no image")
+    if n > settings.max_images_per_request:
+        raise PayloadTooLarge(f"{n} images in one request; the limit is {settings.max_images_per_request}")
+
+
+def b64_image(item: Any, what: str) -> bytes:
+    """One base64-encoded image of a JSON body."""
+    if not isinstance(item, str):
+        raise BadRequest(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(item, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"{what} is not valid base64 ({exc})") from exc
+
+
+def pixel_rows(values: Any, height: int, width: int, shape: Sequence[int] | None = None) -> list[np.ndarray]:
+    """Pixel arrays sent as JSON numbers (nested, or flat with a `shape`): checked, as uint8 rows."""
+    try:
+        arr = np.asarray(values)
+        if shape is not None:
+            arr = arr.reshape(shape)
+    except (ValueError, TypeError) as exc:
+        what = f"{int(np.prod(shape))} integers of shape {list(shape)}" if shape is not None else "one array"
+        raise BadRequest(f"the pixel values do not form {what} (ragged, or not numbers): {exc}") from exc
+    if arr.ndim != 4 or arr.shape[1:] != (height, width, 3):
+        raise BadRequest(f"pixel arrays must have shape [{height}, {width}, 3] per image; got {list(arr.shape[1:])}")
+    if arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and not np.all(np.mod(arr, 1) == 0)):
+        raise BadRequest("pixel values must be integers from 0 to 255 (uint8 input)")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise BadRequest("pixel values must be between 0 and 255 (uint8 input)")
+    return list(arr.astype(np.uint8))
+
+
 def _as_service_error(exc: ImageError, index: int, count: int) -> ServiceError:
     where = f"image {index + 1} of {count}: " if count > 1 else ""
     if isinstance(exc, UnsupportedImageFormat):
@@ -81,10 +162,6 @@ async def decode_all(
     blobs: Sequence[bytes], height: int, width: int, settings: Settings, pool: Executor, metrics: Metrics
 ) -> list[np.ndarray]:
     """Decode every image in the thread pool; the first bad one fails the request with its 4xx."""
-    if not blobs:
-        raise BadRequest("the request holds no image")
-    if len(blobs) > settings.max_images_per_request:
-        raise PayloadTooLarge(f"{len(blobs)} images in one request; the limit is {settings.max_images_per_request}")
     loop = asyncio.get_running_loop()
 
     def one(data: bytes) -> np.ndarray:
@@ -110,16 +187,14 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def run_rows(
-    request: Request | None, served: ServedVersion, rows: Sequence[np.ndarray], deadline: float, metrics: Metrics
-) -> Outcome:
-    """Queue the rows on the version's batcher and wait for all of them (or the client leaving)."""
+def _submit(served: ServedVersion, rows: Sequence[np.ndarray], deadline: float,
+            metrics: Metrics) -> list[asyncio.Future[RowResult[np.ndarray]]]:
     if time.monotonic() >= deadline:  # spent reading and decoding: queueing it would only waste compute
         metrics.rejections.labels("deadline").inc()
         raise DeadlineExpired("the request's deadline passed before its images could be queued; "
                               f"raise {TIMEOUT_HEADER} or retry later")
     try:
-        futures = served.batcher.submit(rows, deadline)
+        return served.batcher.submit(rows, deadline)
     except QueueFull as exc:
         metrics.rejections.labels("queue_full").inc()
         retry = max(1, round(served.batcher.max_queue_rows / max(served.batcher.max_batch_size, 1) * 0.05))
@@ -128,14 +203,14 @@ async def run_rows(
     except BatcherStopped as exc:
         metrics.rejections.labels("draining").inc()
         raise NotReady("this model version is being unloaded; retry") from exc
-    inflight = metrics.inflight_rows.labels(served.name, str(served.version))
-    inflight.inc(len(rows))
+
+
+async def _await_rows(request: Request | None, futures: list[asyncio.Future[RowResult[np.ndarray]]],
+                      metrics: Metrics) -> list[RowResult[np.ndarray]]:
     gathered = asyncio.gather(*futures)
     watcher = asyncio.ensure_future(_disconnected(request)) if request is not None else None
     try:
-        waiting: set[asyncio.Future[object]] = {gathered}
-        if watcher is not None:
-            waiting.add(watcher)
+        waiting: set[asyncio.Future[Any]] = {gathered} | ({watcher} if watcher is not None else set())
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if not gathered.done():
             for f in futures:
@@ -144,7 +219,7 @@ async def run_rows(
                 await gathered
             raise ClientGone()
         try:
-            results: list[RowResult[np.ndarray]] = gathered.result()
+            return gathered.result()
         except DeadlineExceeded as exc:
             metrics.rejections.labels("deadline").inc()
             raise DeadlineExpired("the request's deadline passed before its images were run; "
@@ -152,15 +227,26 @@ async def run_rows(
         except BatchFailed as exc:
             raise ModelFailed(f"the model failed on this input: {exc}") from exc
     finally:
-        inflight.dec(len(rows))
         if watcher is not None:
             watcher.cancel()
         for f in futures:
             if not f.done():
                 f.cancel()
-    probs = np.stack([r.value for r in results])
+
+
+async def run_rows(
+    request: Request | None, served: ServedVersion, rows: Sequence[np.ndarray], deadline: float, metrics: Metrics
+) -> Outcome:
+    """Queue the rows on the version's batcher and wait for all of them (or the client leaving)."""
+    futures = _submit(served, rows, deadline, metrics)
+    inflight = metrics.inflight_rows.labels(served.name, str(served.version))
+    inflight.inc(len(rows))
+    try:
+        results = await _await_rows(request, futures, metrics)
+    finally:
+        inflight.dec(len(rows))
     return Outcome(
-        probabilities=probs,
+        probabilities=np.stack([r.value for r in results]),
         queue_s=max(r.queue_s for r in results),
         run_s=max(r.run_s for r in results),
         batch_size=max(r.batch_size for r in results),

@@ -1,0 +1,104 @@
+"""What benchmarks and end-to-end tests share: a real `python -m service` process on a free loopback
+port, its resident memory, and its Prometheus metrics read with prometheus_client's own parser."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IMGSERVE_SHARED", REPO.parent / "shared"))
+DEFAULT_IMAGES = SHARED / "datasets" / "clothing-small" / "validation"
+
+
+def service_env(**extra: str) -> dict[str, str]:
+    """This process's environment with the TensorFlow defaults the Makefile sets."""
+    env = dict(os.environ)
+    env.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return {**env, **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """The sum of every sample called `name` whose labels include `labels`, in Prometheus text."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+class ServerProcess:
+    """`python -m service` on 127.0.0.1 and a free port, returned once /health/ready answers 200."""
+
+    def __init__(self, store: Path, log: Path, *, ready_timeout: float = 120, **settings: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = service_env(IMGSERVE_HOST="127.0.0.1", IMGSERVE_PORT=str(self.port), IMGSERVE_MODEL_STORE=str(store),
+                          **settings)
+        t0 = time.perf_counter()
+        with open(log, "wb") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=fh,
+                                         stderr=subprocess.STDOUT)
+        self._wait_ready(ready_timeout)
+        self.startup_s = time.perf_counter() - t0
+        self.rss_after_warmup = rss_bytes(self.proc.pid)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
+            try:
+                if httpx.get(self.url + "/health/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop(signal.SIGKILL)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.logs()[-4000:]}")
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", timeout=10).text
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_sum(self.metrics(), name, **labels)
+
+    def rss(self) -> int:
+        return rss_bytes(self.proc.pid)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        """Send `sig` (SIGTERM: drain) and wait; a server that outlives `timeout` is killed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)

@@ -1,0 +1,89 @@
+"""Loading one version: read model.json, load its runtime, warm it up, and give it a batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from service import store
+from service.batcher import Batcher
+from service.metadata import ModelMeta
+from service.metrics import Metrics
+from service.runtimes import Runtime, warmup
+from service.settings import BatchingConfig
+
+logger = logging.getLogger(__name__)
+
+Loader = Callable[[Path, ModelMeta], Runtime]
+
+
+@dataclass
+class ServedVersion:
+    """A loaded, warm version with its own batcher; held by requests while they use it."""
+
+    name: str
+    version: int
+    meta: ModelMeta
+    runtime: Runtime
+    batcher: Batcher[np.ndarray, np.ndarray]
+    batching: BatchingConfig
+    inflight: int = 0
+    _idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @contextlib.contextmanager
+    def acquire(self) -> Iterator[ServedVersion]:
+        """Hold the version for one request: it is not retired until every holder is done."""
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def retire(self, timeout_s: float) -> None:
+        if self.inflight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout_s)
+        await self.batcher.stop(timeout_s)
+
+
+async def load_version(name: str, version: int, path: Path, loader: Loader, defaults: BatchingConfig,
+                       warmup_given: list[int], metrics: Metrics) -> ServedVersion:
+    """Everything that may fail happens here, before the version is swapped in; raises on failure."""
+    t0 = time.perf_counter()
+    meta = store.read_metadata(path, name=name, version=version)
+    cfg = defaults.with_overrides(meta.batching, warmup_given)
+    runtime = await asyncio.to_thread(loader, path, meta)
+    warm = await asyncio.to_thread(warmup, runtime, cfg.warmup_sizes, cfg.batches_in_flight)
+    seconds = time.perf_counter() - t0
+
+    def run(rows: list[np.ndarray]) -> np.ndarray:
+        return runtime.predict(np.stack(rows))
+
+    batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
+        run,
+        max_batch_size=cfg.max_batch_size,
+        max_delay_s=cfg.max_delay_s,
+        max_queue_rows=cfg.max_queue_rows,
+        observer=metrics.observer(name, version),
+        name=f"{name}:{version}",
+        flush_when_idle=cfg.flush_when_idle,
+        batches_in_flight=cfg.batches_in_flight,
+    )
+    metrics.model_load_seconds.labels(name, str(version)).set(seconds)
+    metrics.queue_capacity.labels(name, str(version)).set(cfg.max_queue_rows)
+    logger.info("loaded %s version %d (%d classes, input %dx%d, runtime %s %s) in %.1fs of which warm-up %.1fs "
+                "at batch sizes %s%s; batching %s", name, version, meta.num_classes, meta.input.height,
+                meta.input.width, runtime.runtime, runtime.precision, seconds, warm, list(cfg.warmup_sizes),
+                f" (the largest {cfg.batches_in_flight} at once)" if cfg.batches_in_flight > 1 else "",
+                "from model.json" if meta.batching else "defaults")
+    return ServedVersion(name, version, meta, runtime, batcher, cfg)

