@@ -1,7 +1,11 @@
 """The in-process limit: the published model called directly (no HTTP) at batch sizes 1..64 on images
 decoded by the service's own decoder, from one thread and then (at the sizes the service mostly runs)
 from two threads at once, as the service does with two batches in flight. The limit is the best of
-all of them. Prints one JSON object."""
+all of them. Prints one JSON object.
+
+    python -m bench.limit VERSION_DIR IMAGES MAX_BATCH REPEATS [SIZES|all] [RUNTIME]
+
+RUNTIME is `tensorflow-fp32` (the SavedModel, default) or a variant's key, e.g. `openvino-int8`."""
 
 from __future__ import annotations
 
@@ -14,17 +18,34 @@ from pathlib import Path
 import numpy as np
 
 
+def _runtime(version_dir: Path, key: str) -> tuple[object, str]:
+    from service.store import read_metadata
+
+    meta = read_metadata(version_dir)
+    if key == "tensorflow-fp32":
+        from service.runtimes.tensorflow import SavedModelRuntime
+        from service.runtimes.tensorflow import configure as configure_tensorflow
+
+        device = configure_tensorflow()
+        return SavedModelRuntime(version_dir, meta), device
+    from service.runtimes.openvino import OpenVINORuntime, describe
+
+    variant = next((v for v in meta.variants if v.key == key), None)
+    if variant is None:
+        raise SystemExit(f"{version_dir} has no variant {key}; it has {[v.key for v in meta.variants]}")
+    return OpenVINORuntime(version_dir, meta, variant), describe()
+
+
 def main() -> int:
     version_dir, images_dir = Path(sys.argv[1]), Path(sys.argv[2])
     max_batch, repeats = int(sys.argv[3]), int(sys.argv[4])
-    only = {int(x) for x in sys.argv[5].split(",")} if len(sys.argv) > 5 else None  # measure just these sizes
+    sizes = sys.argv[5] if len(sys.argv) > 5 else "all"
+    only = None if sizes == "all" else {int(x) for x in sizes.split(",")}  # measure just these sizes
+    key = sys.argv[6] if len(sys.argv) > 6 else "tensorflow-fp32"
+    clf, device = _runtime(version_dir, key)
+    h, w = clf.meta.input.height, clf.meta.input.width
     from service.imaging import load_image
-    from service.runtimes.tensorflow import SavedModelRuntime as SavedModelClassifier
-    from service.runtimes.tensorflow import configure as configure_tensorflow
 
-    device = configure_tensorflow()
-    clf = SavedModelClassifier(version_dir)
-    h, w = clf.input_shape
     files = sorted(images_dir.rglob("*.jpg"))[:max_batch]
     t = time.perf_counter()
     decoded = [load_image(f, h, w) for f in files]
@@ -74,7 +95,7 @@ def main() -> int:
         rows.append({"batch_size": n, "callers": 2, "latency_ms": elapsed / reps * 1e3, "first_call_ms": None,
                      "images_per_s": 2 * reps * n / elapsed})
     top = max(rows, key=lambda r: r["images_per_s"])
-    print(json.dumps({"device": device, "decode_ms_per_image": decode_ms, "batches": rows,
+    print(json.dumps({"runtime": key, "device": device, "decode_ms_per_image": decode_ms, "batches": rows,
                       "best_batch_size": top["batch_size"], "best_callers": top.get("callers", 1),
                       "best_images_per_s": top["images_per_s"],
                       "batch1_latency_ms": rows[0]["latency_ms"] if rows[0]["batch_size"] == 1 else None}))

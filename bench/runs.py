@@ -41,8 +41,9 @@ def ensure_model(store: Path, kind: str) -> Path:
 
 
 def in_process(version_dir: Path, images: Path, max_batch: int, repeats: int,
-               sizes: list[int] | None = None) -> dict[str, Any]:
-    extra = [",".join(map(str, sizes))] if sizes else []
+               sizes: list[int] | None = None, runtime: str = "tensorflow-fp32") -> dict[str, Any]:
+    """`bench.limit` in a fresh process: the runtime (SavedModel or a variant key) called directly."""
+    extra = [",".join(map(str, sizes)) if sizes else "all", runtime]
     out = subprocess.run([sys.executable, "-m", "bench.limit", str(version_dir), str(images), str(max_batch),
                           str(repeats), *extra], cwd=REPO, env=service_env(), check=True, capture_output=True,
                          text=True)

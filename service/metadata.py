@@ -59,6 +59,7 @@ class Variant(BaseModel):
     runtime: str
     precision: str
     path: str = Field(description="relative to the version folder")
+    source_sha256: str | None = Field(None, description="store.savedmodel_digest of the SavedModel it was made from")
     evaluation: VariantEval | None = None
 
     @field_validator("path")

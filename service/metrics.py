@@ -40,6 +40,8 @@ class Metrics:
                                    ["model"], registry=r)
         self.model_load_seconds = Gauge("imgserve_model_load_seconds", "Load plus warm-up time of a version",
                                         mv, registry=r)
+        self.runtime_info = Gauge("imgserve_model_runtime_info", "1 for the runtime and precision serving a version",
+                                  [*mv, "runtime", "precision"], registry=r)
         self.ready = Gauge("imgserve_ready", "1 when the service is ready to answer", registry=r)
 
     def observer(self, model: str, version: int) -> BatchMetrics:

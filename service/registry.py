@@ -74,6 +74,7 @@ class Registry:
         self.policy.succeeded(new.name, new.version)
         self.metrics.model_loads.labels(new.name, "success").inc()
         self.metrics.model_version.labels(new.name).set(new.version)
+        self.metrics.runtime_info.labels(new.name, str(new.version), new.runtime.runtime, new.runtime.precision).set(1)
         self.metrics.ready.set(1)
         logger.info("serving %s version %d", new.name, new.version)
         if old is not None:
@@ -90,6 +91,8 @@ class Registry:
         for gauge in (self.metrics.queue_depth, self.metrics.queue_capacity):
             with contextlib.suppress(KeyError):
                 gauge.remove(old.name, str(old.version))
+        with contextlib.suppress(KeyError):
+            self.metrics.runtime_info.remove(old.name, str(old.version), old.runtime.runtime, old.runtime.precision)
         logger.info("retiring %s version %d once its %d requests are done", old.name, old.version, old.inflight)
 
     def resolve(self, name: str | None, version: int | None = None) -> ServedVersion:

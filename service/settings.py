@@ -102,6 +102,15 @@ class Settings(BaseSettings):
     mixed_precision: bool = Field(
         False, description="run float32 graphs in 16 bits where safe: float16 on GPUs, bfloat16 on AVX512_BF16/AMX CPUs"
     )
+    runtime: Literal["auto", "tensorflow", "openvino"] = Field(
+        "auto", description="auto: the fastest variant within the accuracy budget (OpenVINO on CPUs), else TensorFlow"
+    )
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto", description="serve only variants of this precision (auto: the fastest within the budget)"
+    )
+    max_accuracy_drop: float = Field(
+        1.0, ge=0, le=100, description="accuracy points a variant may lose on the test split (0: float32 only)"
+    )
     drain_timeout_s: float = Field(20.0, ge=0, description="grace period for queued and running rows on SIGTERM")
     keep_alive_timeout_s: float = Field(
         65.0, gt=0, description="idle keep-alive connections close after this (keep above load balancers' idle timeout)"

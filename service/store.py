@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -72,6 +73,20 @@ def version_dir(store: Path, name: str, version: int) -> Path:
     return store / name / str(version)
 
 
+def savedmodel_digest(path: Path) -> str:
+    """SHA-256 over the SavedModel's graph and variables (names and bytes): what a variant was made from."""
+    h = hashlib.sha256()
+    files = [path / "saved_model.pb", *sorted((path / "variables").glob("*"))]
+    for f in files:
+        if not f.is_file():
+            return "incomplete: " + str(f.relative_to(path))
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def parse_metadata(raw: Any, *, name: str | None = None, version: int | None = None) -> ModelMeta:
     """Validate a `model.json` document; raises StoreError naming the first problem."""
     if not isinstance(raw, dict):
@@ -114,12 +129,13 @@ def _publish_lock(model_dir: Path) -> Iterator[None]:
 def publish(
     store: Path,
     name: str,
-    write: Callable[[Path], None],
+    write: Callable[[Path], dict[str, Any] | None],
     metadata: ModelMeta | dict[str, Any],
 ) -> Path:
     """Publish a new version of `name` atomically and return its folder.
 
-    `write(tmp)` fills a hidden temporary folder beside the versions (SavedModel, report, ...).
+    `write(tmp)` fills a hidden temporary folder beside the versions (SavedModel, variants, report, ...)
+    and may return metadata it measured there (e.g. `variants`), merged into model.json.
     Then, under a per-model lock so that concurrent publishers never pick the same number, the
     next free version is chosen, `model.json` is written last, and the folder is renamed into place.
     """
@@ -130,11 +146,11 @@ def publish(
     tmp = model_dir / f"{TMP_PREFIX}{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        write(tmp)
+        measured = write(tmp) or {}
         with _publish_lock(model_dir):
             version = max(list_versions(store, name), default=0) + 1
             given = metadata.document() if isinstance(metadata, ModelMeta) else metadata
-            doc = {**given, "format": METADATA_FORMAT, "name": name, "version": version}
+            doc = {**given, **measured, "format": METADATA_FORMAT, "name": name, "version": version}
             doc = parse_metadata(doc, name=name, version=version).document()
             meta_tmp = tmp / (METADATA_FILE + ".part")
             meta_tmp.write_text(json.dumps(doc, indent=2, sort_keys=True), encoding="utf-8")

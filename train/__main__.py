@@ -54,6 +54,31 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
+def _optimize(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m train optimize",
+                                description="Publish a new version of a model: a copy of a published version with "
+                                "OpenVINO variants (float32/bfloat16 IR, NNCF int8 IR) evaluated on its test split.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--store", type=Path, default=Path(os.environ.get("IMGSERVE_MODEL_STORE", "model_store")))
+    p.add_argument("--name", required=True, help="model name")
+    p.add_argument("--version", type=int, help="version to optimize (default: the latest)")
+    p.add_argument("--data", type=Path, help="the dataset it was trained on (default: the path in its model.json)")
+    p.add_argument("--calibration-images", type=int, default=300, help="training images that calibrate int8")
+    p.add_argument("--workers", type=int, default=4, help="threads decoding images")
+    args = p.parse_args(argv)
+    from train.data import DatasetError
+    from train.optimize import optimize_published
+
+    try:
+        final = optimize_published(args.store, args.name, args.version, args.data, args.calibration_images,
+                                   args.workers)
+    except (DatasetError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"published {final}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -61,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if argv[:1] == ["demo"]:
         return _demo(argv[1:])
+    if argv[:1] == ["optimize"]:
+        return _optimize(argv[1:])
     args = _parser().parse_args(argv)
     from train.config import from_arguments
     from train.data import DatasetError

@@ -48,6 +48,9 @@ class TrainConfig:
                                        "pretrained backbone such as VGG16 on a CPU)")
     batchnorm: bool = _opt(True, "plain CNN with batch normalisation")
     max_per_class: int | None = _opt(None, "use at most this many images per class and split")
+    variants: bool = _opt(True, "also publish OpenVINO variants (float32/bfloat16 IR and an NNCF int8 IR), each "
+                          "evaluated on the test split (needs the openvino and nncf packages)")
+    calibration_images: int = _opt(300, "training images that calibrate the int8 variant")
     seed: int = _opt(1337, "seed for the split, augmentation and weights")
     workers: int = _opt(4, "threads decoding images")
     extra_metadata: dict[str, Any] = _opt(dict, "", cli=False)

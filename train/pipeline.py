@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import sys
@@ -291,10 +292,30 @@ def build_metadata(cfg: TrainConfig, name: str, data: Data, metrics: dict[str, A
     )
 
 
+def variants_for(version_dir: Path, meta: ModelMeta, cfg: TrainConfig, data: Data) -> dict[str, Any]:
+    """The optimized variants, written into the version folder before model.json; {} when switched off."""
+    if not cfg.variants:
+        return {}
+    if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
+        logger.warning("no OpenVINO variants: the openvino and nncf packages are not installed")
+        return {}
+    from train.optimize import make_variants
+
+    rng = np.random.default_rng(cfg.seed)
+    pick = rng.permutation(len(data.x_tr))[: cfg.calibration_images]
+    variants, baseline = make_variants(version_dir, meta, data.x_tr[np.sort(pick)], data.x_te, data.y_te)
+    return {"variants": [v.model_dump(mode="json", exclude_none=True) for v in variants],
+            "metrics": {**meta.metrics, "images_per_s": baseline["images_per_s"]}, "_baseline": baseline}
+
+
 def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data, metrics: dict[str, Any],
             probs: np.ndarray, fit: Fitter) -> Path:
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> dict[str, Any]:
         export_saved_model(serving, tmp, cfg.image_size, cfg.image_size)
+        t = time.perf_counter()
+        measured = variants_for(tmp, meta, cfg, data)
+        baseline = measured.pop("_baseline", None)
+        fit.timings["variants"] = time.perf_counter() - t
         rep = tmp / "report"
         rep.mkdir()
         report.plot_history(fit.histories, rep / "history.png")
@@ -303,10 +324,21 @@ def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data,
         report.write_report(rep, {"name": meta.name, "backbone": cfg.backbone, "weights": cfg.weights,
                                   "input": meta.input.model_dump(), "labels": data.classes, "metrics": metrics,
                                   "history": fit.histories, "timings_s": fit.timings,
-                                  "skipped_files": data.source.skipped})
+                                  "skipped_files": data.source.skipped, "variants": measured.get("variants", []),
+                                  "markdown": variant_markdown(measured, baseline)})
+        return measured
 
     cfg.store.mkdir(parents=True, exist_ok=True)
     return store.publish(cfg.store, meta.name, write, meta)
+
+
+def variant_markdown(measured: dict[str, Any], baseline: dict[str, Any] | None) -> list[str]:
+    if not measured.get("variants") or baseline is None:
+        return []
+    from service.metadata import Variant
+    from train.optimize import report_lines
+
+    return report_lines([Variant.model_validate(v) for v in measured["variants"]], baseline)
 
 
 def run(cfg: TrainConfig) -> TrainResult:

@@ -104,7 +104,8 @@ def plot_samples(images: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, lab
 def write_report(folder: Path, summary: dict[str, Any]) -> None:
     """metrics.json and report.md (the plots are written beside them by the caller)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    doc = {k: v for k, v in summary.items() if k != "markdown"}
+    (folder / "metrics.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
     m = summary["metrics"]
     lines = [
         f"# {summary['name']}: training report",
@@ -132,5 +133,6 @@ def write_report(folder: Path, summary: dict[str, Any]) -> None:
         "",
         "![sample predictions](samples.png)",
         "",
+        *summary.get("markdown", []),
     ]
     (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")

@@ -8,6 +8,8 @@ for a version from its model.json and the settings; `warmup` runs over any of th
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,10 +17,15 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from service.metadata import ModelMeta
+from service.cpu import cpu_has_bf16
+from service.metadata import ModelMeta, Variant
+from service.store import savedmodel_digest
 
 if TYPE_CHECKING:
     from service.settings import Settings
+
+
+logger = logging.getLogger(__name__)
 
 
 class ModelLoadError(Exception):
@@ -33,16 +40,102 @@ class Runtime(Protocol):
     def predict(self, images: np.ndarray) -> np.ndarray: ...
 
 
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def nvidia_gpu_present() -> bool:
+    """An NVIDIA driver is loaded (checked without importing TensorFlow, which costs ~0.5 GB of memory)."""
+    return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
+
+
+_tf_device: str | None = None
+
+
+def tensorflow_device(settings: Settings) -> str:
+    """Import and configure TensorFlow once, when a SavedModel is to run (or a GPU may be there)."""
+    global _tf_device
+    if _tf_device is None:
+        from service.runtimes.tensorflow import configure as configure_tf
+
+        _tf_device = configure_tf(settings.intra_op_threads, settings.inter_op_threads, settings.mixed_precision)
+    return _tf_device
+
+
 def configure(settings: Settings) -> str:
     """Process-wide set-up of the runtimes the settings may use (before any model loads); returns the
-    device and precision in words, for the log and /health/ready."""
-    from service.runtimes.tensorflow import configure as configure_tf
+    device and precision in words, for the log and /health/ready. TensorFlow is only imported when it
+    may serve first: with IMGSERVE_RUNTIME=tensorflow, without OpenVINO, or with an NVIDIA GPU."""
+    if settings.runtime == "tensorflow" or not openvino_available() or nvidia_gpu_present():
+        device = tensorflow_device(settings)
+        if not device.startswith("CPU") or settings.runtime == "tensorflow" or not openvino_available():
+            return device
+    else:
+        device = "CPU (no NVIDIA GPU found)"
+    from service.runtimes.openvino import describe
 
-    return configure_tf(settings.intra_op_threads, settings.inter_op_threads, settings.mixed_precision)
+    return f"{device}; {describe()}"
+
+
+def lossy(variant: Variant) -> bool:
+    return variant.precision != "fp32"
+
+
+def eligible(variant: Variant, settings: Settings, bf16: bool) -> str | None:
+    """Why `variant` may not serve under these settings on this CPU, or None when it may."""
+    drop = variant.evaluation.accuracy_drop if variant.evaluation else None
+    if settings.runtime not in ("auto", variant.runtime):
+        return f"IMGSERVE_RUNTIME={settings.runtime}"
+    if settings.precision not in ("auto", variant.precision):
+        return f"IMGSERVE_PRECISION={settings.precision}"
+    if variant.precision == "bf16" and not bf16:
+        return "this CPU has no bfloat16 instructions"
+    if lossy(variant) and (drop is None or settings.max_accuracy_drop <= 0
+                           or drop * 100 > settings.max_accuracy_drop):
+        measured = "not measured" if drop is None else f"{drop * 100:.2f} points"
+        return f"accuracy drop {measured}, budget {settings.max_accuracy_drop:g} points (IMGSERVE_MAX_ACCURACY_DROP)"
+    return None
+
+
+def choose(meta: ModelMeta, settings: Settings, *, gpu: bool, bf16: bool) -> list[Variant]:
+    """The variants worth trying, fastest (as measured at publish time) first; the SavedModel comes after
+    them all. On a GPU, or with IMGSERVE_RUNTIME=tensorflow, the SavedModel only."""
+    if gpu or settings.runtime == "tensorflow" or not openvino_available():
+        return []
+    picked = []
+    for v in meta.variants:
+        reason = eligible(v, settings, bf16)
+        if reason is None:
+            picked.append(v)
+        else:
+            logger.info("%s version %d: variant %s not used: %s", meta.name, meta.version, v.key, reason)
+    return sorted(picked, key=lambda v: -(v.evaluation.images_per_s or 0.0) if v.evaluation else 0.0)
 
 
 def load(path: Path, meta: ModelMeta, settings: Settings) -> Runtime:
-    """The runtime serving the version in `path`."""
+    """The runtime serving the version in `path`: the fastest usable variant, else its SavedModel. A variant
+    that fails to load (or to answer one image) is refused with its reason, and the next one is tried."""
+    gpu = nvidia_gpu_present() and tensorflow_device(settings).startswith("GPU")
+    digest: str | None = None
+    for variant in choose(meta, settings, gpu=gpu, bf16=cpu_has_bf16()):
+        try:
+            digest = digest or savedmodel_digest(path)
+            if variant.source_sha256 != digest:  # a variant answers for the SavedModel it was made from only
+                raise ModelLoadError("it was made from another SavedModel than the one in this version "
+                                     f"(SavedModel {digest[:24]}, variant made from {str(variant.source_sha256)[:24]})")
+            from service.runtimes.openvino import OpenVINORuntime
+
+            runtime = OpenVINORuntime(path, meta, variant, threads=settings.intra_op_threads)
+            h, w = meta.input.height, meta.input.width
+            check_probabilities(runtime.predict(np.zeros((1, h, w, 3), np.uint8)), 1, meta.num_classes)
+            return runtime
+        except Exception as exc:
+            logger.error("%s version %d: refusing variant %s, serving the next choice: %s: %s", meta.name,
+                         meta.version, variant.key, exc.__class__.__name__, exc)
+    if settings.runtime == "openvino" and meta.variants:
+        logger.warning("%s version %d: IMGSERVE_RUNTIME=openvino but no variant could serve; using the "
+                       "SavedModel", meta.name, meta.version)
+    tensorflow_device(settings)
     from service.runtimes.tensorflow import SavedModelRuntime
 
     return SavedModelRuntime(path, meta, mixed_precision=settings.mixed_precision)

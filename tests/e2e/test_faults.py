@@ -167,6 +167,11 @@ def _wrong_signature(path: Path) -> None:
     tmp.rmdir()
 
 
+def _state(live: LiveServer, version: int) -> str:
+    versions = httpx.get(live.url + "/v1/models").json()["models"][0]["versions"]
+    return next((v["state"] for v in versions if v["version"] == version), "ABSENT")
+
+
 @pytest.mark.parametrize("case", ["empty_folder", "wrong_signature", "warmup_raises", "being_copied"])
 def test_broken_version_cases(live: LiveServer, trained: Trained, case: str) -> None:
     store = live.log.parent / "store"
@@ -195,6 +200,8 @@ def test_broken_version_cases(live: LiveServer, trained: Trained, case: str) -> 
                     shutil.copy(src / extra, dst / extra)
             # once complete, the version is tried again and served
             assert wait_for(lambda: httpx.get(live.url + "/health/ready").json()["models"]["clothing"] == new, 60)
+        elif case in ("wrong_signature", "warmup_raises"):  # refused once tried (a first SavedModel load
+            assert wait_for(lambda: _state(live, new) == "FAILED", 60)  # imports TensorFlow: seconds)
         else:
             time.sleep(3)  # several polls
         n = len(load.results)

@@ -1,0 +1,63 @@
+"""The OpenVINO runtime: an IR variant of a version (float32, bfloat16 or int8), on the CPU."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from service.metadata import ModelMeta, Variant
+from service.runtimes import ModelLoadError, check_probabilities
+
+# The precision OpenVINO computes in; int8 IRs carry their own quantized ops, the rest stays float32.
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+
+
+def describe() -> str:
+    caps = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return f"OpenVINO {ov.get_version().split('-')[0]} on CPU ({', '.join(caps)})"
+
+
+class OpenVINORuntime:
+    """uint8 `images` [N, H, W, 3] -> float32 `probabilities` [N, C], one infer request per thread."""
+
+    runtime = "openvino"
+
+    def __init__(self, version_dir: Path, meta: ModelMeta, variant: Variant, threads: int = 0) -> None:
+        self.meta = meta
+        self.precision = variant.precision
+        xml = Path(version_dir) / variant.path
+        if variant.precision not in INFERENCE_PRECISION:
+            raise ModelLoadError(f"variant {variant.key}: unknown precision {variant.precision!r}")
+        if not xml.is_file() or not xml.with_suffix(".bin").is_file():
+            raise ModelLoadError(f"variant {variant.key}: {xml} or its .bin is missing")
+        core = ov.Core()
+        try:
+            model = core.read_model(xml)
+            config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY",
+                                         "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[variant.precision]}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+            self._compiled = core.compile_model(model, "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses with the parser's message
+            raise ModelLoadError(f"variant {variant.key}: OpenVINO could not load {xml}: {exc}") from exc
+        h, w = meta.input.height, meta.input.width
+        inp = self._compiled.inputs[0]
+        shape = inp.get_partial_shape()
+        if inp.get_element_type() != ov.Type.u8 or shape.rank.get_length() != 4 or [
+                d.get_length() for d in list(shape)[1:]] != [h, w, 3]:
+            raise ModelLoadError(f"variant {variant.key}: input must be u8 [?, {h}, {w}, 3], it is "
+                                 f"{inp.get_element_type()} {shape}")
+        self._local = threading.local()
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Blocking; OpenVINO releases the GIL while it infers."""
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        request.infer({0: np.ascontiguousarray(images, dtype=np.uint8)})
+        out = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
+        check_probabilities(out, images.shape[0], self.meta.num_classes)
+        return out

@@ -1,0 +1,181 @@
+"""`docker compose up`, really run: the project image built from the real Dockerfile, the stack from
+docker-compose.yml (with deploy/compose.local.yml for this machine's engine), driven as an operator
+would. Grafana is a placeholder image here (not in Debian): its dashboards are checked statically only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import CLOTHING, REPO, clothing_images
+
+pytestmark = [pytest.mark.slow, pytest.mark.compose]
+API = "http://127.0.0.1:8000"
+PROM = "http://127.0.0.1:9090"
+PROJECT = "imgserve-live"
+
+
+def _engine_env() -> dict[str, str]:
+    r = subprocess.run(["bash", "scripts/container-engine.sh", "up"], cwd=REPO, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = dict(os.environ)
+    for line in r.stdout.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    return env
+
+
+class Stack:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.base = ["docker", "compose", "-p", PROJECT, "-f", "docker-compose.yml", "-f", "deploy/compose.local.yml"]
+        self.timings: dict[str, float] = {}
+
+    def run(self, *args: str, timeout: float = 900, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([*self.base, *args], cwd=REPO, env={**self.env, **env}, capture_output=True, text=True,
+                           timeout=timeout)
+        if check:
+            assert r.returncode == 0, f"{' '.join(args)}: {r.stdout[-2000:]}\n{r.stderr[-4000:]}"
+        return r
+
+    def docker(self, *args: str) -> str:
+        return subprocess.run(["docker", *args], env=self.env, capture_output=True, text=True, check=True,
+                              timeout=120).stdout.strip()
+
+    def container(self, service: str) -> str:
+        return self.run("ps", "-aq", service).stdout.strip()
+
+    def inspect(self, service: str) -> dict[str, object]:
+        return json.loads(self.docker("inspect", self.container(service)))[0]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    env = _engine_env()
+    s = Stack(env)
+    try:
+        t = time.perf_counter()
+        s.run("build", "api", timeout=1800)
+        s.timings["build_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        s.run("up", "-d", "demo-init", "api", "prometheus", timeout=600)
+        s.timings["up_s"] = time.perf_counter() - t
+        yield s
+    finally:
+        logs = s.run("logs", "--no-color", check=False).stdout
+        (REPO / "bench" / "results").mkdir(parents=True, exist_ok=True)
+        (REPO / "bench" / "results" / "compose-live.log").write_text(logs)
+        s.run("down", "-v", "--timeout", "40", check=False, timeout=300)
+        subprocess.run(["bash", "scripts/container-engine.sh", "down"], cwd=REPO, env=env, timeout=120)
+
+
+def wait_for(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except (httpx.HTTPError, subprocess.CalledProcessError, KeyError, IndexError):
+            pass
+        time.sleep(1)
+    return False
+
+
+def _memory_mib(stack: Stack) -> float:
+    """The api container's memory use as the engine reports it (cgroup: resident + page cache)."""
+    used = stack.docker("stats", "--no-stream", "--format", "{{.MemUsage}}", stack.container("api")).split("/")[0]
+    value, unit = float(used.strip()[:-3]), used.strip()[-3:]
+    return value * {"KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}[unit]
+
+
+def _memory_under_load(stack: Stack, image: Path, clients: int, seconds: float) -> float:
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = image.read_bytes()
+    stop = time.monotonic() + seconds
+
+    def client(_: int) -> int:
+        n = 0
+        with httpx.Client(timeout=30) as c:
+            while time.monotonic() < stop:
+                r = c.post(API + "/predict", content=body, headers={"Content-Type": "image/jpeg"})
+                assert r.status_code == 200
+                n += 1
+        return n
+
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, i) for i in range(clients)]
+        time.sleep(seconds * 0.8)
+        peak = _memory_mib(stack)
+        assert sum(f.result() for f in futures) > 0
+    return peak
+
+
+def _tiny_dataset() -> Path:
+    """Two classes of four photos in a folder the container's non-root user can read."""
+    root = Path(tempfile.mkdtemp(prefix="imgserve-live-data-"))
+    for cls in ("hat", "shoes"):
+        (root / cls).mkdir()
+        for f in sorted((CLOTHING / "train" / cls).glob("*.jpg"))[:8]:
+            shutil.copy(f, root / cls / f.name)
+    for p in [root, *root.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    return root
+
+
+def test_the_stack_serves_scrapes_hot_loads_and_drains(stack: Stack) -> None:
+    t0 = time.perf_counter()
+    assert wait_for(lambda: stack.inspect("api")["State"]["Health"]["Status"] == "healthy", 300), \
+        stack.run("logs", "api", check=False).stdout[-3000:]
+    stack.timings["healthy_after_up_s"] = time.perf_counter() - t0
+    assert stack.inspect("demo-init")["State"]["ExitCode"] == 0
+    started = stack.inspect("api")["State"]["StartedAt"]
+
+    image = clothing_images(1)[0]
+    r = httpx.post(API + "/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "demo-shapes" and r.json()["version"] == 1
+
+    def scraped() -> bool:
+        targets = httpx.get(PROM + "/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
+        up = any("api:8000" in t["scrapeUrl"] and t["health"] == "up" for t in targets)
+        q = httpx.get(PROM + "/api/v1/query", params={"query": 'count({__name__=~"imgserve_.+"})'}, timeout=5)
+        return up and bool(q.json()["data"]["result"]) and float(q.json()["data"]["result"][0]["value"][1]) > 0
+
+    assert wait_for(scraped, 120), httpx.get(PROM + "/api/v1/targets").text[-2000:]
+
+    data = _tiny_dataset()
+    try:
+        stack.run("--profile", "train", "run", "--rm", "train", "--data", "/data", "--name", "demo-shapes",
+                  "--backbone", "cnn", "--weights", "none", "--image-size", "64", "--head-epochs", "1",
+                  "--batch-size", "8", "--variants", "no", timeout=900, DATA_DIR=str(data))
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+    assert wait_for(lambda: httpx.get(API + "/health/ready", timeout=5).json()["models"]["demo-shapes"] == 2, 120)
+    r = httpx.post(API + "/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")}, timeout=30)
+    assert r.status_code == 200 and r.json()["version"] == 2
+    api = stack.inspect("api")
+    assert api["State"]["StartedAt"] == started and api["RestartCount"] == 0  # hot-loaded, no restart
+
+    stack.timings["rss_idle_mib"] = _memory_mib(stack)
+    stack.timings["rss_8_clients_mib"] = _memory_under_load(stack, image, clients=8, seconds=10)
+    t = time.perf_counter()
+    stack.run("stop", "--timeout", "30", "api", timeout=120)
+    stack.timings["stop_s"] = time.perf_counter() - t
+    state = stack.inspect("api")["State"]
+    logs = stack.run("logs", "--no-color", "api").stdout
+    assert state["ExitCode"] == 0, logs[-3000:]
+    assert "draining" in logs and '"stopped"' in logs
+    size = int(stack.docker("image", "inspect", "imgserve:latest", "--format", "{{.Size}}"))
+    print(json.dumps({**stack.timings, "image_bytes": size}))

@@ -1,0 +1,61 @@
+"""Which runtime serves a version: the variant choice against the accuracy budget and the settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.metadata import ModelMeta, Variant, VariantEval
+from service.runtimes import choose
+from service.settings import Settings
+
+
+def variant(precision: str, drop_points: float | None, speed: float) -> Variant:
+    ev = None if drop_points is None else VariantEval(accuracy=0.8, accuracy_drop=drop_points / 100,
+                                                      images_per_s=speed)
+    return Variant(runtime="openvino", precision=precision, path=f"variants/{precision}/model.xml", evaluation=ev)
+
+
+META = ModelMeta.create(labels=["a", "b"], size=(8, 8), backbone="cnn", variants=[
+    variant("fp32", 0.0, 15.0), variant("bf16", 0.3, 30.0), variant("int8", 0.6, 60.0)])
+
+
+def keys(settings: Settings, *, gpu: bool = False, bf16: bool = True, meta: ModelMeta = META) -> list[str]:
+    return [v.key for v in choose(meta, settings, gpu=gpu, bf16=bf16)]
+
+
+def test_auto_serves_the_fastest_variant_within_the_budget() -> None:
+    assert keys(Settings()) == ["openvino-int8", "openvino-bf16", "openvino-fp32"]
+    assert keys(Settings(max_accuracy_drop=0.5)) == ["openvino-bf16", "openvino-fp32"]
+
+
+def test_a_budget_of_zero_gives_float32_only() -> None:
+    assert keys(Settings(max_accuracy_drop=0)) == ["openvino-fp32"]
+    lossless_int8 = ModelMeta.create(labels=["a", "b"], size=(8, 8), backbone="cnn",
+                                     variants=[variant("int8", 0.0, 60.0)])
+    assert keys(Settings(max_accuracy_drop=0), meta=lossless_int8) == []  # the SavedModel (float32)
+
+
+def test_a_variant_over_budget_or_unmeasured_is_never_picked() -> None:
+    meta = ModelMeta.create(labels=["a", "b"], size=(8, 8), backbone="cnn",
+                            variants=[variant("int8", 5.0, 60.0), variant("bf16", None, 30.0)])
+    assert keys(Settings(), meta=meta) == []
+    assert keys(Settings(precision="int8"), meta=meta) == []
+    assert keys(Settings(max_accuracy_drop=6), meta=meta) == ["openvino-int8"]
+
+
+@pytest.mark.parametrize(("settings", "kw", "want"), [
+    ({"precision": "bf16"}, {}, ["openvino-bf16"]),
+    ({"precision": "fp32"}, {}, ["openvino-fp32"]),
+    ({"runtime": "tensorflow"}, {}, []),
+    ({}, {"gpu": True}, []),  # GPUs run the SavedModel (float16 with IMGSERVE_MIXED_PRECISION)
+    ({}, {"bf16": False}, ["openvino-int8", "openvino-fp32"]),  # no bfloat16 instructions on this CPU
+])
+def test_settings_and_hardware_narrow_the_choice(settings: dict[str, object], kw: dict[str, bool],
+                                                 want: list[str]) -> None:
+    assert keys(Settings(**settings), **kw) == want
+
+
+def test_variant_paths_stay_inside_the_version() -> None:
+    for bad in ("/etc/passwd", "../other/model.xml", "variants/../../x.xml"):
+        with pytest.raises(ValueError, match="inside"):
+            Variant(runtime="openvino", precision="int8", path=bad)
