@@ -51,6 +51,8 @@ def main() -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batches-in-flight", type=int, default=0, help="0: per model, as in MODELS")
     p.add_argument("--levels", help="override concurrency levels, e.g. 1,8,32")
+    p.add_argument("--variants", choices=("yes", "no"), default="yes",
+                   help="then every runtime and precision of VGG16 (python -m bench.variants)")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -97,6 +99,10 @@ def main() -> int:
 
     paths = write_outputs(run, args.out, stamp, REPO / "docs" / "benchmarks.md")
     print("\n".join(str(x) for x in paths))
+    if args.variants == "yes":
+        from bench.variants import main as variants
+
+        return variants(["--images", str(args.images), "--duration", str(args.duration), "--store", str(args.store)])
     return 0
 
 

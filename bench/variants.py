@@ -67,7 +67,7 @@ def measure(vdir: Path, args: argparse.Namespace, key: str, settings: dict[str, 
             "startup_s": server.startup_s, "rss_after_warmup_bytes": server.rss_after_warmup}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.variants", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version-dir", type=Path, help="a published version with variants (default: build one)")
@@ -77,7 +77,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--runtimes", help="comma-separated keys to force (default: the SavedModel and every variant)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from bench.__main__ import machine
     from bench.ceiling import flop_ceiling
     from service.store import read_metadata
@@ -86,7 +86,8 @@ def main() -> int:
     meta = read_metadata(vdir)
     keys = args.runtimes.split(",") if args.runtimes else ["tensorflow-fp32", *[v.key for v in meta.variants]]
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    run: dict[str, Any] = {"started": stamp, "command": " ".join(["python -m bench.variants", *sys.argv[1:]]),
+    given = sys.argv[1:] if argv is None else argv
+    run: dict[str, Any] = {"started": stamp, "command": " ".join(["python -m bench.variants", *given]),
                            "machine": machine(), "version_dir": str(vdir), "ceiling": flop_ceiling(),
                            "variants": [v.model_dump(mode="json") for v in meta.variants], "forced": [],
                            "defaults": None}

@@ -146,6 +146,7 @@ def test_the_stack_serves_scrapes_hot_loads_and_drains(stack: Stack) -> None:
     r = httpx.post(API + "/predict", files={"file": (image.name, image.read_bytes(), "image/jpeg")}, timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "demo-shapes" and r.json()["version"] == 1
+    assert r.headers["x-model-runtime"].startswith("openvino/")  # the slim image runs the OpenVINO variants
 
     def scraped() -> bool:
         targets = httpx.get(PROM + "/api/v1/targets", timeout=5).json()["data"]["activeTargets"]
