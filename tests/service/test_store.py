@@ -132,3 +132,17 @@ def test_reader_never_sees_a_partial_version(tmp_path: Path) -> None:
 
 def test_fake_helper_publishes(tmp_path: Path) -> None:
     assert write_fake_version(tmp_path, "m", 1, ["a", "b"]).name == "1"
+
+
+def test_savedmodel_digest_follows_the_graph_and_variables(tmp_path: Path) -> None:
+    """A variant names the SavedModel it was made from by this digest; any change to either part shows."""
+    (tmp_path / "variables").mkdir()
+    (tmp_path / "saved_model.pb").write_bytes(b"graph")
+    (tmp_path / "variables" / "variables.index").write_bytes(b"index")
+    (tmp_path / "variables" / "variables.data-00000-of-00001").write_bytes(b"weights")
+    first = store.savedmodel_digest(tmp_path)
+    assert len(first) == 64 and store.savedmodel_digest(tmp_path) == first
+    (tmp_path / "variables" / "variables.data-00000-of-00001").write_bytes(b"weightz")
+    assert store.savedmodel_digest(tmp_path) != first
+    (tmp_path / "saved_model.pb").unlink()
+    assert store.savedmodel_digest(tmp_path).startswith("incomplete")
