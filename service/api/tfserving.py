@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -84,11 +86,18 @@ def _split_action(target: str) -> str:
     return base
 
 
-def _resolve(registry: Registry, name: str, version: int | None) -> ServedVersion:
+@contextlib.contextmanager
+def _servable_not_found() -> Iterator[None]:
+    """TF Serving's wording for an unknown model or version."""
     try:
-        return registry.resolve(name, version)
+        yield
     except NotFound as exc:
         raise NotFound(f"Servable not found for request: {exc.message}") from exc
+
+
+def _resolve(registry: Registry, name: str, version: int | None) -> ServedVersion:
+    with _servable_not_found():
+        return registry.resolve(name, version)
 
 
 def _instance_payload(item: Any) -> Any:
@@ -126,10 +135,8 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
         columnar = body.inputs is not None
         return _images(body.items(), served)
 
-    try:
+    with _servable_not_found():
         outcome = await infer(request, name, version, parse)
-    except NotFound as exc:
-        raise NotFound(f"Servable not found for request: {exc.message}") from exc
     key = "outputs" if columnar else "predictions"
     return ORJSONResponse({key: outcome.probabilities}, headers=outcome.headers())
 
