@@ -97,6 +97,17 @@ def make_variants(version_dir: Path, meta: ModelMeta, calibration: np.ndarray, x
     return variants, baseline
 
 
+def variant_metadata(version_dir: Path, meta: ModelMeta, x_train: np.ndarray, x_test: np.ndarray,
+                     y_test: np.ndarray, calibration_images: int, seed: int) -> tuple[dict[str, Any], list[str]]:
+    """Make and evaluate the variants (calibrated on a seeded sample of `x_train`): what goes into
+    model.json, and the report's lines about them."""
+    pick = np.sort(np.random.default_rng(seed).permutation(len(x_train))[:calibration_images])
+    variants, baseline = make_variants(version_dir, meta, x_train[pick], x_test, y_test)
+    measured = {"variants": [v.model_dump(mode="json", exclude_none=True) for v in variants],
+                "metrics": {**meta.metrics, "images_per_s": baseline["images_per_s"]}}
+    return measured, report_lines(variants, baseline)
+
+
 def report_lines(variants: list[Variant], baseline: dict[str, Any]) -> list[str]:
     """The variants table of report.md."""
     lines = ["## Optimized variants", "",
@@ -137,21 +148,18 @@ def optimize_published(store_dir: Path, name: str, version: int | None, data: Pa
     if meta.dataset.get("content_sha256") not in (None, split.source.content_hash()):
         logger.warning("the dataset in %s differs from the one %s version %d was trained on: its test split "
                        "may differ too", source, name, meta.version)
-    pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(split.x_tr))[:calibration_images])
-
     def write(tmp: Path) -> dict[str, Any]:
         def skip(folder: str, names: list[str]) -> list[str]:
             return [n for n in names if Path(folder) == src and n in ("model.json", "variants")]
 
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=skip)
-        variants, baseline = make_variants(tmp, meta, split.x_tr[pick], split.x_te, split.y_te)
+        measured, lines = variant_metadata(tmp, meta, split.x_tr, split.x_te, split.y_te, calibration_images,
+                                           cfg.seed)
         report_md = tmp / "report" / "report.md"
         if report_md.parent.is_dir():
             with report_md.open("a", encoding="utf-8") as fh:
-                fh.write("\n" + "\n".join(report_lines(variants, baseline)))
-        return {"variants": [v.model_dump(mode="json", exclude_none=True) for v in variants],
-                "metrics": {**meta.metrics, "images_per_s": baseline["images_per_s"]},
-                "optimized_from": meta.version}
+                fh.write("\n" + "\n".join(lines))
+        return {**measured, "optimized_from": meta.version}
 
     doc = meta.document()
     doc.pop("variants", None)

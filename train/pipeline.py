@@ -292,20 +292,18 @@ def build_metadata(cfg: TrainConfig, name: str, data: Data, metrics: dict[str, A
     )
 
 
-def variants_for(version_dir: Path, meta: ModelMeta, cfg: TrainConfig, data: Data) -> dict[str, Any]:
-    """The optimized variants, written into the version folder before model.json; {} when switched off."""
+def variants_for(version_dir: Path, meta: ModelMeta, cfg: TrainConfig, data: Data) -> tuple[dict[str, Any],
+                                                                                             list[str]]:
+    """The optimized variants, written into the version folder before model.json, and the report's lines
+    about them; nothing when switched off or not installed."""
     if not cfg.variants:
-        return {}
+        return {}, []
     if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
         logger.warning("no OpenVINO variants: the openvino and nncf packages are not installed")
-        return {}
-    from train.optimize import make_variants
+        return {}, []
+    from train.optimize import variant_metadata
 
-    rng = np.random.default_rng(cfg.seed)
-    pick = rng.permutation(len(data.x_tr))[: cfg.calibration_images]
-    variants, baseline = make_variants(version_dir, meta, data.x_tr[np.sort(pick)], data.x_te, data.y_te)
-    return {"variants": [v.model_dump(mode="json", exclude_none=True) for v in variants],
-            "metrics": {**meta.metrics, "images_per_s": baseline["images_per_s"]}, "_baseline": baseline}
+    return variant_metadata(version_dir, meta, data.x_tr, data.x_te, data.y_te, cfg.calibration_images, cfg.seed)
 
 
 def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data, metrics: dict[str, Any],
@@ -313,8 +311,7 @@ def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data,
     def write(tmp: Path) -> dict[str, Any]:
         export_saved_model(serving, tmp, cfg.image_size, cfg.image_size)
         t = time.perf_counter()
-        measured = variants_for(tmp, meta, cfg, data)
-        baseline = measured.pop("_baseline", None)
+        measured, variant_lines = variants_for(tmp, meta, cfg, data)
         fit.timings["variants"] = time.perf_counter() - t
         rep = tmp / "report"
         rep.mkdir()
@@ -325,20 +322,11 @@ def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data,
                                   "input": meta.input.model_dump(), "labels": data.classes, "metrics": metrics,
                                   "history": fit.histories, "timings_s": fit.timings,
                                   "skipped_files": data.source.skipped, "variants": measured.get("variants", []),
-                                  "markdown": variant_markdown(measured, baseline)})
+                                  "markdown": variant_lines})
         return measured
 
     cfg.store.mkdir(parents=True, exist_ok=True)
     return store.publish(cfg.store, meta.name, write, meta)
-
-
-def variant_markdown(measured: dict[str, Any], baseline: dict[str, Any] | None) -> list[str]:
-    if not measured.get("variants") or baseline is None:
-        return []
-    from service.metadata import Variant
-    from train.optimize import report_lines
-
-    return report_lines([Variant.model_validate(v) for v in measured["variants"]], baseline)
 
 
 def run(cfg: TrainConfig) -> TrainResult:
