@@ -40,6 +40,33 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a supervisor and its workers), from /proc."""
+    out = [pid]
+    for child in _children(pid):
+        out += process_tree(child)
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            kids += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:  # the process is gone
+        pass
+    return kids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of one process and its threads so far, from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def metric_sum(text: str, name: str, **labels: str) -> float:
     """The sum of every sample called `name` whose labels include `labels`, in Prometheus text."""
     total = 0.0
@@ -65,7 +92,7 @@ class ServerProcess:
                                          stderr=subprocess.STDOUT)
         self._wait_ready(ready_timeout)
         self.startup_s = time.perf_counter() - t0
-        self.rss_after_warmup = rss_bytes(self.proc.pid)
+        self.rss_after_warmup = self.rss()
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -91,7 +118,18 @@ class ServerProcess:
         return metric_sum(self.metrics(), name, **labels)
 
     def rss(self) -> int:
-        return rss_bytes(self.proc.pid)
+        """Resident memory of the server: every process of it (a supervisor and its workers)."""
+        return sum(rss_bytes(p) for p in self.pids())
+
+    def pids(self) -> list[int]:
+        return process_tree(self.proc.pid)
+
+    def workers(self) -> list[int]:
+        """The processes that serve requests: the workers under a supervisor, else the one process."""
+        return self.pids()[1:] or [self.proc.pid]
+
+    def cpu_seconds(self) -> float:
+        return sum(cpu_seconds(p) for p in self.pids())
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Send `sig` (SIGTERM: drain) and wait; a server that outlives `timeout` is killed."""

@@ -63,16 +63,17 @@ class Server(ServerProcess):
         return metric_sum(text, "imgserve_batch_size_sum"), metric_sum(text, "imgserve_batch_size_count")
 
 
-def wrk(url: str, image: Path, clients: int, seconds: float) -> dict[str, Any]:
-    """wrk posting one JPEG from `clients` connections for `seconds`; its figures as a dict."""
+def wrk(url: str, image: Path, clients: int, seconds: float, multipart: bool = False) -> dict[str, Any]:
+    """wrk posting one JPEG (raw, or as a multipart upload) from `clients` connections for `seconds`."""
     out = subprocess.run(
         ["wrk", "-t", str(min(clients, 2)), "-c", str(clients), "-d", f"{int(seconds)}s", "--timeout", "120s",
          "-s", str(REPO / "bench" / "wrk_post.lua"), url + "/predict"],
-        env={**os.environ, "BENCH_IMAGE": str(image)}, capture_output=True, text=True, check=True)
+        env={**os.environ, "BENCH_IMAGE": str(image), "BENCH_MULTIPART": "1" if multipart else "0"},
+        capture_output=True, text=True, check=True)
     res: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     ok = res["requests"] - res["non2xx"]
-    res.update(clients=clients, ok=ok, errors=res["non2xx"] + res["socket_errors"],
-               images_per_s=ok / res["duration_s"])
+    res.update(clients=clients, ok=ok, body="multipart" if multipart else "raw",
+               errors=res["non2xx"] + res["socket_errors"], images_per_s=ok / res["duration_s"])
     return res
 
 

@@ -1,9 +1,19 @@
--- wrk script: POST one prebuilt JPEG body; report percentiles and status errors as JSON at the end.
+-- wrk script: POST one prebuilt JPEG body (raw image/jpeg, or one multipart 'file' part when
+-- BENCH_MULTIPART=1); report percentiles and status errors as JSON at the end.
 local f = assert(io.open(os.getenv("BENCH_IMAGE"), "rb"))
-wrk.method = "POST"
-wrk.body = f:read("*a")
+local image = f:read("*a")
 f:close()
-wrk.headers["Content-Type"] = "image/jpeg"
+wrk.method = "POST"
+if os.getenv("BENCH_MULTIPART") == "1" then
+  local boundary = "----imgservebench7d1f"
+  wrk.body = "--" .. boundary .. "\r\n" ..
+    'Content-Disposition: form-data; name="file"; filename="image.jpg"\r\n' ..
+    "Content-Type: image/jpeg\r\n\r\n" .. image .. "\r\n--" .. boundary .. "--\r\n"
+  wrk.headers["Content-Type"] = "multipart/form-data; boundary=" .. boundary
+else
+  wrk.body = image
+  wrk.headers["Content-Type"] = "image/jpeg"
+end
 
 function done(summary, latency, requests)
   io.write(string.format(

@@ -1,4 +1,5 @@
-"""`python -m service` / `imgserve`: run the API under uvicorn with one worker."""
+"""`python -m service` / `imgserve`: run the API under uvicorn, in one process or (IMGSERVE_WORKERS)
+several behind one port (see service/workers.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -15,15 +17,21 @@ from types import FrameType
 
 from pydantic import ValidationError
 
+from service.settings import Settings
+
+WORKER = os.environ.get("IMGSERVE_WORKER_INDEX")  # set by the supervisor in each server process
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if WORKER is not None:
+            doc["worker"] = int(WORKER) + 1
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc)
@@ -31,16 +39,15 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str, as_json: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    who = f" [process {int(WORKER) + 1}]" if WORKER is not None else ""
     handler.setFormatter(JsonFormatter() if as_json else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                         logging.Formatter(f"%(asctime)s %(levelname)s{who} %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
 
 
 def main() -> int:
-    from service.settings import Settings
-
     try:
         settings = Settings.load()
     except ValidationError as exc:
@@ -51,6 +58,16 @@ def main() -> int:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+    from service import workers
+
+    if WORKER is None and settings.process_count > 1:
+        return workers.Supervisor(settings.host, settings.port, settings.process_count,
+                                  settings.shutdown_delay_s + settings.drain_timeout_s + 10).run()
+    return serve(settings, workers.listening_socket())
+
+
+def serve(settings: Settings, sock: socket.socket | None) -> int:
+    """One server process: on its own port, or on the supervisor's socket."""
     import uvicorn
 
     from service.app import create_app
@@ -92,7 +109,7 @@ def main() -> int:
         timeout_keep_alive=int(settings.keep_alive_timeout_s),
     )
     server = Server(config)
-    server.run()
+    server.run(sockets=[sock] if sock is not None else None)
     return 0
 
 

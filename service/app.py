@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -14,20 +17,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import PlainTextResponse, Response
 from fastapi_offline import FastAPIOffline
-from prometheus_client import ProcessCollector
-from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_client import CONTENT_TYPE_LATEST, ProcessCollector
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from service import __version__, runtimes
+from service import __version__, runtimes, workers
 from service.api import kserve, native, tfserving
 from service.api.deps import BODY_MODELS, ORJSONResponse
 from service.errors import ServiceError
 from service.loading import Loader
-from service.metrics import Metrics
+from service.metrics import MULTIPROCESS, Metrics
 from service.middleware import ServiceMiddleware
 from service.pipeline import ClientGone
 from service.registry import Registry
 from service.settings import Settings
+from service.workers import Board
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +49,33 @@ def _error_body(message: str, code: str, **extra: object) -> dict[str, object]:
     return {"error": message, "code": code, **extra}
 
 
+async def _post_state(app: FastAPI, board: Board | None, metrics: Metrics) -> None:
+    """Keep this process's post on the board current (on change, and every second as a heartbeat),
+    and its own memory gauge."""
+    slot = board.slot if board is not None else None
+    last: tuple[object, ...] | None = None
+    posted = 0.0
+    while True:
+        registry = getattr(app.state, "registry", None)
+        models = {n: s.version for n, s in registry.served.items()} if registry is not None else {}
+        ready = registry is not None and registry.ready
+        now = (ready, bool(app.state.draining), tuple(sorted(models.items())))
+        if now != last or time.monotonic() - posted >= workers.HEARTBEAT_S:
+            if board is not None and slot is not None:
+                board.post(workers.WorkerState(slot.index, os.getpid(), ready, bool(app.state.draining),
+                                               "no model is loaded yet", models))
+            last, posted = now, time.monotonic()
+            metrics.process_rss.set(workers.rss_bytes())
+        await asyncio.sleep(0.05)
+
+
 def _lifespan(settings: Settings, metrics: Metrics, loader: Loader | None) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        slot = workers.WorkerSlot.from_env()
+        app.state.board = board = workers.Board(slot) if slot is not None else None
+        metrics.processes.set(1)
+        poster = asyncio.get_running_loop().create_task(_post_state(app, board, metrics), name="board")
         device = runtimes.configure(settings) if loader is None else "custom loader"
         logger.info("device: %s", device)
         logger.info("batching defaults: %s", settings.batching)
@@ -65,6 +93,7 @@ def _lifespan(settings: Settings, metrics: Metrics, loader: Loader | None) -> An
             logger.info("draining: finishing queued rows (up to %.1fs)", settings.drain_timeout_s)
             await registry.stop(settings.drain_timeout_s)
             app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            poster.cancel()
             logger.info("stopped")
 
     return lifespan
@@ -92,7 +121,8 @@ def _error_handlers(app: FastAPI, metrics: Metrics) -> None:
                               headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ClientGone)
-    async def client_gone(request: Request, exc: ClientGone) -> Response:
+    @app.exception_handler(ClientDisconnect)  # gone while its body was being read
+    async def client_gone(request: Request, exc: Exception) -> Response:
         metrics.rejections.labels("client_gone").inc()
         return Response(status_code=499)
 
@@ -119,7 +149,8 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     """The service; `loader(path, meta)` replaces the runtimes (tests pass a fake one)."""
     settings = settings or Settings.load()
     metrics = Metrics()
-    ProcessCollector(registry=metrics.registry)
+    if not MULTIPROCESS:  # process_* series describe one process; with several, see process_rss
+        ProcessCollector(registry=metrics.registry)
     app = FastAPIOffline(title="imgserve", version=__version__, description=DESCRIPTION,
                          lifespan=_lifespan(settings, metrics, loader), default_response_class=ORJSONResponse)
     app.state.settings = settings
@@ -129,13 +160,15 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     for router in (native.router, tfserving.router, kserve.router):
         app.include_router(router)
     _with_body_schemas(app)
-    Instrumentator(registry=metrics.registry, excluded_handlers=["/metrics"], should_group_status_codes=False) \
-        .instrument(app, metric_namespace="imgserve") \
-        .expose(app, include_in_schema=True, tags=["health"], response_class=PlainTextResponse,
-                summary="Prometheus metrics (text exposition format)")
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (text exposition format)",
+             response_class=PlainTextResponse)
+    async def metrics_text() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_upload_bytes,
                        body_timeout_s=settings.body_timeout_s, draining=lambda: bool(app.state.draining),
-                       on_reject=lambda reason: metrics.rejections.labels(reason).inc())
+                       metrics=metrics, inflight_limit=settings.inflight_limit)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Model-Name", "X-Model-Version", "X-Model-Runtime",

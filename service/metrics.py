@@ -1,12 +1,22 @@
-"""Prometheus metrics of the service, on a registry of their own (base units: seconds, rows)."""
+"""Prometheus metrics of the service, on a registry of their own (base units: seconds, rows).
+
+With several server processes (PROMETHEUS_MULTIPROC_DIR set by the supervisor) every process writes
+its values to shared files and a scrape of any process sums them: counters and histograms add up,
+and each gauge says how its processes' values combine (`multiprocess_mode`, ignored in one process).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 4, 5,
+                7.5, 10, 30, 60)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -15,6 +25,14 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         mv = ["model", "version"]
+        self.http_requests = Counter("imgserve_http_requests_total", "HTTP answers, by route, method and status",
+                                     ["handler", "method", "status"], registry=r)
+        self.http_latency = Histogram("imgserve_http_request_duration_highr_seconds",
+                                      "Time from the request's arrival to its answer (every route)",
+                                      buckets=HTTP_BUCKETS, registry=r)
+        self.http_latency_by_route = Histogram("imgserve_http_request_duration_seconds",
+                                               "Time to answer, by route and method", ["handler", "method"],
+                                               buckets=(0.1, 0.5, 1), registry=r)
         self.decode_seconds = Histogram("imgserve_decode_seconds", "Time to decode and resize one image",
                                         buckets=FAST_BUCKETS, registry=r)
         self.queue_wait_seconds = Histogram("imgserve_queue_wait_seconds", "Time a row waited in the queue",
@@ -26,23 +44,60 @@ class Metrics:
         self.batches = Counter("imgserve_batches_total", "Batches run, by why they were flushed",
                                [*mv, "reason"], registry=r)
         self.rows = Counter("imgserve_rows_total", "Rows (images) run by the model", mv, registry=r)
-        self.queue_depth = Gauge("imgserve_queue_depth", "Rows waiting in the queue", mv, registry=r)
+        self.queue_depth = Gauge("imgserve_queue_depth", "Rows waiting in the queue", mv, registry=r,
+                                 multiprocess_mode="livesum")
         self.queue_capacity = Gauge("imgserve_queue_capacity_rows", "Rows the queue holds before 429", mv,
-                                    registry=r)
-        self.inflight_rows = Gauge("imgserve_inflight_rows", "Rows queued or running", mv, registry=r)
+                                    registry=r, multiprocess_mode="livesum")
+        self.inflight_rows = Gauge("imgserve_inflight_rows", "Rows queued or running", mv, registry=r,
+                                   multiprocess_mode="livesum")
+        self.inflight_requests = Gauge("imgserve_inflight_requests", "Prediction requests being worked on",
+                                       registry=r, multiprocess_mode="livesum")
         self.dropped_rows = Counter("imgserve_dropped_rows_total", "Rows dropped before inference",
                                     [*mv, "reason"], registry=r)
         self.rejections = Counter("imgserve_rejections_total", "Requests refused, by reason", ["reason"],
                                   registry=r)
         self.model_loads = Counter("imgserve_model_loads_total", "Model version loads, by outcome",
                                    ["model", "outcome"], registry=r)
-        self.model_version = Gauge("imgserve_model_version_served", "Version being served (latest loaded)",
-                                   ["model"], registry=r)
+        self.model_version = Gauge("imgserve_model_version_served",
+                                   "Version being served (the oldest one any server process still serves)",
+                                   ["model"], registry=r, multiprocess_mode="livemin")
         self.model_load_seconds = Gauge("imgserve_model_load_seconds", "Load plus warm-up time of a version",
-                                        mv, registry=r)
+                                        mv, registry=r, multiprocess_mode="livemax")
         self.runtime_info = Gauge("imgserve_model_runtime_info", "1 for the runtime and precision serving a version",
-                                  [*mv, "runtime", "precision"], registry=r)
-        self.ready = Gauge("imgserve_ready", "1 when the service is ready to answer", registry=r)
+                                  [*mv, "runtime", "precision"], registry=r, multiprocess_mode="livemax")
+        self.ready = Gauge("imgserve_ready", "1 when the service is ready to answer (every server process)",
+                           registry=r, multiprocess_mode="livemin")
+        self.processes = Gauge("imgserve_server_processes", "Server processes answering on the port", registry=r,
+                               multiprocess_mode="livesum")
+        self.process_requests = Gauge("imgserve_server_process_requests",
+                                      "HTTP requests answered by each server process since it started (label pid "
+                                      "with several: how evenly the kernel spreads connections)", registry=r,
+                                      multiprocess_mode="liveall")
+        self.process_rss = Gauge("imgserve_server_process_resident_memory_bytes",
+                                 "Resident memory of each server process (label pid with several)", registry=r,
+                                 multiprocess_mode="liveall")
+
+    def observe_http(self, handler: str, method: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(handler, method, str(status)).inc()
+        self.process_requests.inc()
+        self.http_latency.observe(seconds)
+        self.http_latency_by_route.labels(handler, method).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of every server process (with several) or of this one."""
+        registry = self.registry
+        if MULTIPROCESS:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def forget(self, gauge: Gauge, *labels: str) -> None:
+        """Drop a gauge's series (e.g. a retired version's). Zeroed first: with several processes the
+        value lives on in the shared file, where 0 adds nothing to a sum and means 'not serving'."""
+        with contextlib.suppress(KeyError):
+            gauge.labels(*labels).set(0)
+            if not MULTIPROCESS:
+                gauge.remove(*labels)
 
     def observer(self, model: str, version: int) -> BatchMetrics:
         return BatchMetrics(self, model, str(version))

@@ -1,51 +1,116 @@
-"""One pure-ASGI middleware: request IDs, refusing new work while draining, and the body size limit."""
+"""One pure-ASGI middleware, outermost: request IDs, HTTP metrics, refusing work while draining or over
+the in-flight limit (before the body is read, so that refusing stays cheap under overload), and the
+body size and time limits."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, RequestTimeout
+from service.metrics import Metrics
 
 EXEMPT_PREFIXES = ("/health", "/metrics", "/v2/health")
+UNTIMED = frozenset({"/metrics"})
+_ID_PREFIX = os.urandom(6).hex()  # request IDs: 32 hex digits, random per process, then a counter (no syscall)
+_ID_COUNTER = itertools.count()
+
+
+def _new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):020x}"
+
+
+def _route_of(scope: Scope) -> str:
+    """The route template that served (or would serve) the request, e.g. `/v2/models/{model}/infer`."""
+    route = scope.get("route")
+    if route is not None:
+        return str(getattr(route, "path", "none"))
+    return _match(getattr(scope.get("app"), "routes", ()), scope) or "none"
+
+
+def _match(routes: Iterable[Any], scope: Scope) -> str | None:
+    """For a request the router never saw (refused here): the route it would have reached."""
+    for candidate in routes:
+        if candidate.matches(scope)[0] != Match.FULL:
+            continue
+        inner = getattr(candidate, "original_router", None)  # FastAPI's included routers
+        if inner is None:
+            return getattr(candidate, "path", None)
+        found = _match(inner.routes, scope)
+        if found:
+            return found
+    return None
 
 
 class ServiceMiddleware:
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_timeout_s: float, draining: Callable[[], bool],
-                 on_reject: Callable[[str], Any]) -> None:
+                 metrics: Metrics, inflight_limit: int) -> None:
         self.app = app
         self.body_timeout_s = body_timeout_s
         self.max_body_bytes = max_body_bytes
         self.draining = draining
-        self.on_reject = on_reject
+        self.metrics = metrics
+        self.inflight_limit = inflight_limit
+        self.inflight = 0
+        self._inflight_gauge = metrics.inflight_requests
+
+    def on_reject(self, reason: str) -> None:
+        self.metrics.rejections.labels(reason).inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        raw_id = headers.get(b"x-request-id", b"")
-        request_id = raw_id.decode("latin-1")[:128] if raw_id else uuid.uuid4().hex
+        start = time.perf_counter()
+        status = 500
+        raw_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        request_id = raw_id.decode("latin-1")[:128] if raw_id else _new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode("latin-1"))
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), id_header]
             await send(message)
 
+        admitted = False
+        try:
+            if scope["method"] == "POST":  # the work: predictions, loads
+                if self.inflight >= self.inflight_limit and not self.draining():
+                    self.on_reject("busy")
+                    await _json(send_with_id, 429, f"the server is at capacity ({self.inflight} requests in "
+                                "progress in this process); retry after 1s", "queue_full", {"retry-after": "1"})
+                    return
+                admitted = True
+                self.inflight += 1
+                self._inflight_gauge.inc()
+            await self._guarded(scope, receive, send_with_id)
+        finally:
+            if admitted:
+                self.inflight -= 1
+                self._inflight_gauge.dec()
+            handler = _route_of(scope)
+            if handler not in UNTIMED:
+                self.metrics.observe_http(handler, scope["method"], status, time.perf_counter() - start)
+
+    async def _guarded(self, scope: Scope, receive: Receive, send_with_id: Send) -> None:
         path: str = scope["path"]
         if self.draining() and not path.startswith(EXEMPT_PREFIXES):
             self.on_reject("draining")
             await _json(send_with_id, 503, "the server is shutting down; retry on another instance",
                         "draining", {"retry-after": "1", "connection": "close"})
             return
+        headers = dict(scope["headers"])
         length = headers.get(b"content-length")
         if length is not None:
             try:

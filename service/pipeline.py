@@ -89,6 +89,8 @@ async def infer(request: Request, model: str | None, version: int | None, parse:
     if registry is None:
         raise NotReady("the service is starting")
     served: ServedVersion = registry.resolve(model, version)
+    if served.batcher.depth >= served.batcher.max_queue_rows:  # no row fits: refuse before reading the body
+        raise _overloaded(served, state.metrics, f"the queue holds {served.batcher.depth} rows")
     with served.acquire():
         with served.batcher.incoming():  # rows on their way: the batcher may wait for them
             images = await parse(served)
@@ -196,13 +198,17 @@ def _submit(served: ServedVersion, rows: Sequence[np.ndarray], deadline: float,
     try:
         return served.batcher.submit(rows, deadline)
     except QueueFull as exc:
-        metrics.rejections.labels("queue_full").inc()
-        retry = max(1, round(served.batcher.max_queue_rows / max(served.batcher.max_batch_size, 1) * 0.05))
-        raise Overloaded(f"the server is at capacity ({exc}); retry after {retry}s",
-                         headers={"Retry-After": str(retry)}) from exc
+        raise _overloaded(served, metrics, str(exc)) from exc
     except BatcherStopped as exc:
         metrics.rejections.labels("draining").inc()
         raise NotReady("this model version is being unloaded; retry") from exc
+
+
+def _overloaded(served: ServedVersion, metrics: Metrics, detail: str) -> Overloaded:
+    metrics.rejections.labels("queue_full").inc()
+    retry = max(1, round(served.batcher.max_queue_rows / max(served.batcher.max_batch_size, 1) * 0.05))
+    return Overloaded(f"the server is at capacity ({detail}); retry after {retry}s",
+                      headers={"Retry-After": str(retry)})
 
 
 async def _await_rows(request: Request | None, futures: list[asyncio.Future[RowResult[np.ndarray]]],

@@ -88,11 +88,10 @@ class Registry:
         task = asyncio.get_running_loop().create_task(old.retire(self.settings.drain_timeout_s))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
-        for gauge in (self.metrics.queue_depth, self.metrics.queue_capacity):
-            with contextlib.suppress(KeyError):
-                gauge.remove(old.name, str(old.version))
-        with contextlib.suppress(KeyError):
-            self.metrics.runtime_info.remove(old.name, str(old.version), old.runtime.runtime, old.runtime.precision)
+        m = self.metrics
+        for gauge in (m.queue_depth, m.queue_capacity):
+            m.forget(gauge, old.name, str(old.version))
+        m.forget(m.runtime_info, old.name, str(old.version), old.runtime.runtime, old.runtime.precision)
         logger.info("retiring %s version %d once its %d requests are done", old.name, old.version, old.inflight)
 
     def resolve(self, name: str | None, version: int | None = None) -> ServedVersion:
@@ -118,7 +117,7 @@ class Registry:
         if served is None:
             raise NotFound(f"model {name!r} is not loaded")
         self.policy.unloaded.add(name)
-        self.metrics.model_version.remove(name)
+        self.metrics.forget(self.metrics.model_version, name)
         self._retire_later(served)
 
     async def load(self, name: str) -> ServedVersion:

@@ -65,6 +65,13 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IMGSERVE_", extra="ignore", secrets_dir=None)
 
+    workers: Literal["auto"] | PositiveInt = Field(
+        1, description="server processes behind the one port (auto: one per usable CPU core); see Processes"
+    )
+    max_inflight_requests: int = Field(
+        0, ge=0, description="requests a process works on at once before 429 (0: max_queue_rows); refused "
+        "before the body is read"
+    )
     host: str = Field("127.0.0.1", description="address uvicorn listens on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     model_store: Path = Field(Path("model_store"), description="model store folder (read only)")
@@ -145,5 +152,35 @@ class Settings(BaseSettings):
                                                                                          self.warmup_batch_sizes)
 
     @property
+    def process_count(self) -> int:
+        """How many server processes `workers` asks for on this machine."""
+        return usable_cores() if self.workers == "auto" else int(self.workers)
+
+    @property
+    def cores_per_process(self) -> int:
+        """This machine's usable cores shared out among the server processes (at least one each)."""
+        return max(1, usable_cores() // self.process_count)
+
+    @property
     def decode_workers(self) -> int:
-        return self.decode_threads or (os.cpu_count() or 2)
+        return self.decode_threads or self.cores_per_process
+
+    @property
+    def model_threads(self) -> int:
+        """Threads a runtime may use for one model call: the setting, else this process's share of the
+        cores when there are several processes, else 0 (the runtime decides)."""
+        if self.intra_op_threads or self.process_count == 1:
+            return self.intra_op_threads
+        return self.cores_per_process
+
+    @property
+    def inflight_limit(self) -> int:
+        return self.max_inflight_requests or self.max_queue_rows
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1

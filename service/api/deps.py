@@ -86,6 +86,9 @@ class ORJSONResponse(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+# The dependencies are coroutines: FastAPI runs plain functions in a thread pool, a thread hop per request.
+
+
 class State:
     """What the lifespan puts on `app.state`, typed."""
 
@@ -95,7 +98,7 @@ class State:
     draining: bool
 
 
-def get_state(request: Request) -> State:
+async def get_state(request: Request) -> State:
     return request.app.state  # type: ignore[no-any-return]
 
 
@@ -106,10 +109,11 @@ def not_ready_reason(request: Request) -> str | None:
     registry: Registry | None = getattr(request.app.state, "registry", None)
     if registry is None or not registry.ready:
         return "no model is loaded yet"
-    return None
+    board = getattr(request.app.state, "board", None)
+    return board.others_not_ready() if board is not None else None
 
 
-def get_registry(request: Request) -> Registry:
+async def get_registry(request: Request) -> Registry:
     registry: Registry | None = getattr(request.app.state, "registry", None)
     if registry is None:
         raise NotReady("the service is starting")
@@ -124,13 +128,13 @@ def _check_key(request: Request, expected: str, what: str) -> None:
                            "'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_predict_key(request: Request) -> None:
+async def require_predict_key(request: Request) -> None:
     settings: Settings = request.app.state.settings
     if settings.api_key is not None:
         _check_key(request, settings.api_key.get_secret_value(), "API")
 
 
-def require_admin_key(request: Request) -> None:
+async def require_admin_key(request: Request) -> None:
     settings: Settings = request.app.state.settings
     if settings.admin_api_key is not None:
         _check_key(request, settings.admin_api_key.get_secret_value(), "admin API")

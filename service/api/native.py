@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ from service.api.views import describe_models, runtime_view
 from service.errors import BadRequest, NotFound, NotReady, UnsupportedMediaType
 from service.loading import ServedVersion
 from service.pipeline import Images, infer, top_k
+from service.workers import describe
 
 router = APIRouter()
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -128,9 +130,13 @@ async def ready(request: Request) -> dict[str, Any]:
     if reason is not None:
         raise NotReady(reason)
     registry = request.app.state.registry
+    board = request.app.state.board
     return {"status": "ready", "models": {n: s.version for n, s in registry.served.items()},
             "runtimes": {n: runtime_view(s) for n, s in registry.served.items()},
-            "device": getattr(request.app.state, "device", "unknown")}
+            "device": getattr(request.app.state, "device", "unknown"),
+            "processes": describe(board.states()) if board is not None else
+            [{"index": 0, "pid": os.getpid(), "ready": True, "models": {n: s.version
+                                                                       for n, s in registry.served.items()}}]}
 
 
 @router.get("/", include_in_schema=False)

@@ -58,7 +58,7 @@ def tensorflow_device(settings: Settings) -> str:
     if _tf_device is None:
         from service.runtimes.tensorflow import configure as configure_tf
 
-        _tf_device = configure_tf(settings.intra_op_threads, settings.inter_op_threads, settings.mixed_precision)
+        _tf_device = configure_tf(settings.model_threads, settings.inter_op_threads, settings.mixed_precision)
     return _tf_device
 
 
@@ -125,7 +125,7 @@ def load(path: Path, meta: ModelMeta, settings: Settings) -> Runtime:
                                      f"(SavedModel {digest[:24]}, variant made from {str(variant.source_sha256)[:24]})")
             from service.runtimes.openvino import OpenVINORuntime
 
-            runtime = OpenVINORuntime(path, meta, variant, threads=settings.intra_op_threads)
+            runtime = OpenVINORuntime(path, meta, variant, threads=settings.model_threads)
             h, w = meta.input.height, meta.input.width
             check_probabilities(runtime.predict(np.zeros((1, h, w, 3), np.uint8)), 1, meta.num_classes)
             return runtime

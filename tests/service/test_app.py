@@ -247,3 +247,39 @@ def test_list_and_map_settings_are_typed() -> None:
     for bad in ({"pinned_versions": "m"}, {"pinned_versions": "m=0"}, {"warmup_batch_sizes": "1,x"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Settings(**bad)
+
+
+async def test_over_the_inflight_limit_is_refused_before_the_body_is_read(tmp_path: Path) -> None:
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    settings = Settings(model_store=tmp_path, poll_interval_s=0.05, max_inflight_requests=2)
+    release = asyncio.Event()
+    body_reads = 0
+
+    app = create_app(settings, loader=lambda path, meta: FakeClassifier(meta))
+    async with LifespanManager(app) as manager:
+        async def slow_body(content: bytes) -> AsyncIterator[bytes]:
+            nonlocal body_reads
+            body_reads += 1
+            await release.wait()
+            yield content
+
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            await wait_ready(c)
+            held = [asyncio.create_task(c.post("/predict", content=slow_body(jpeg(200)),
+                                               headers={"Content-Type": "image/jpeg"})) for _ in range(2)]
+            while body_reads < 2:
+                await asyncio.sleep(0.01)
+            refused = await c.post("/predict", content=slow_body(jpeg(200)), headers={"Content-Type": "image/jpeg"})
+            assert refused.status_code == 429
+            assert refused.json()["code"] == "queue_full" and refused.headers["retry-after"] == "1"
+            assert body_reads == 2  # the third body was never read
+            assert (await c.get("/health/ready")).status_code == 200  # GETs are not limited
+            release.set()
+            assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+            assert (await c.post("/predict", content=jpeg(10), headers={"Content-Type": "image/jpeg"})).status_code == 200
+            text = (await c.get("/metrics")).text
+    assert metric_sum(text, "imgserve_rejections_total", reason="busy") == 1
+    assert metric_sum(text, "imgserve_http_requests_total", handler="/predict", status="429") == 1
+    assert metric_sum(text, "imgserve_http_requests_total", handler="/predict", status="200") == 3
+    assert metric_sum(text, "imgserve_inflight_requests") == 0

@@ -1,0 +1,130 @@
+"""Several server processes behind one port (IMGSERVE_WORKERS): one service to the outside."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import LiveServer, Trained, clone_version, clothing_images, metric_sum, start_server
+
+
+@pytest.fixture
+def two(trained: Trained, tmp_path: Path, server_processes: int) -> Iterator[LiveServer]:
+    if server_processes != 2:
+        pytest.skip("about two server processes; runs in the 2proc pass")
+    shutil.copytree(trained.store, tmp_path / "store")
+    server = start_server(tmp_path / "store", tmp_path)
+    yield server
+    server.stop(signal.SIGKILL if server.proc.poll() is None else 0)
+
+
+def fresh_post(url: str, image: bytes) -> httpx.Response:
+    """One request on its own connection, so that requests spread over the processes."""
+    return httpx.post(url + "/predict", content=image, headers={"Content-Type": "image/jpeg", "Connection": "close"},
+                      timeout=30)
+
+
+def per_process(text: str, name: str) -> dict[str, float]:
+    return {s.labels["pid"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == name}
+
+
+def wait_for(check, timeout: float = 60) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_metrics_of_two_processes_add_up(two: LiveServer) -> None:
+    workers = two.workers()
+    assert len(workers) == 2 and two.proc.pid not in workers
+    images = [p.read_bytes() for p in clothing_images(8)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: fresh_post(two.url, images[i % 8]), range(60)))
+    assert [r.status_code for r in answers] == [200] * 60
+    for _ in range(6):  # each scrape lands on either process, and every one sees the sum of both
+        text = httpx.get(two.url + "/metrics", headers={"Connection": "close"}).text
+        assert metric_sum(text, "imgserve_http_requests_total", handler="/predict", status="200") == 60
+        assert metric_sum(text, "imgserve_rows_total") == 60
+        assert metric_sum(text, "imgserve_server_processes") == 2
+        by_pid = per_process(text, "imgserve_server_process_requests")
+        assert set(by_pid) == {str(p) for p in workers}
+        assert all(v > 0 for v in by_pid.values()), f"connections all went to one process: {by_pid}"
+        assert sum(by_pid.values()) == metric_sum(text, "imgserve_http_requests_total")
+        assert set(per_process(text, "imgserve_server_process_resident_memory_bytes")) == set(by_pid)
+
+
+def test_ready_only_when_every_process_can_serve(two: LiveServer) -> None:
+    body = httpx.get(two.url + "/health/ready").json()
+    assert [p["ready"] for p in body["processes"]] == [True, True]
+    victim = two.workers()[1]
+    os.kill(victim, signal.SIGKILL)
+    image = clothing_images(1)[0].read_bytes()
+    seen_not_ready = False
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        r = httpx.get(two.url + "/health/ready", headers={"Connection": "close"}, timeout=10)
+        if r.status_code == 503:
+            seen_not_ready = True
+            assert "server process 2 of 2" in r.json()["error"] or "server process 1 of 2" in r.json()["error"]
+            assert fresh_post(two.url, image).status_code == 200  # the other process still answers
+        elif seen_not_ready:
+            break
+        time.sleep(0.05)
+    assert seen_not_ready, "/health/ready stayed 200 with a process down"
+    assert r.status_code == 200, "the supervisor did not bring the process back"
+    pids = [p["pid"] for p in r.json()["processes"]]
+    assert victim not in pids and len(set(pids)) == 2
+    assert "exited with -9; starting it again" in two.logs()
+    assert metric_sum(httpx.get(two.url + "/metrics").text, "imgserve_server_processes") == 2
+
+
+def test_hot_swap_reaches_every_process(two: LiveServer, trained: Trained) -> None:
+    store = two.log.parent / "store"
+    clone_version(store, trained.name, trained.version, trained.version + 1)
+    new = trained.version + 1
+
+    def everywhere() -> bool:
+        r = httpx.get(two.url + "/health/ready", timeout=10)
+        return r.status_code == 200 and all(p["models"].get(trained.name) == new for p in r.json()["processes"])
+
+    assert wait_for(everywhere, 90)
+    image = clothing_images(1)[0].read_bytes()
+    versions = {fresh_post(two.url, image).headers["X-Model-Version"] for _ in range(20)}
+    assert versions == {str(new)}
+    text = httpx.get(two.url + "/metrics").text
+    assert metric_sum(text, "imgserve_model_version_served", model=trained.name) == new
+    assert metric_sum(text, "imgserve_model_loads_total", model=trained.name, outcome="success") == 4  # 2 x 2
+
+
+def test_sigterm_drains_both_processes(two: LiveServer) -> None:
+    workers = two.workers()
+    image = clothing_images(1)[0].read_bytes()
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(fresh_post, two.url, image) for _ in range(48)]
+        time.sleep(0.3)
+        two.proc.send_signal(signal.SIGTERM)
+        codes = []
+        for f in futures:
+            try:
+                codes.append(f.result().status_code)
+            except httpx.ConnectError:
+                codes.append("refused")  # after the listener closed: never accepted, nothing lost
+    assert two.proc.wait(60) == 0
+    assert set(codes) <= {200, 503, "refused"}, codes
+    assert codes.count(200) > 0
+    assert all(not Path(f"/proc/{p}").exists() for p in workers)
+    logs = two.logs()
+    assert logs.count("Application shutdown complete") == 2
