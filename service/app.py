@@ -84,6 +84,10 @@ def _lifespan(settings: Settings, metrics: Metrics, loader: Loader | None) -> An
         registry = Registry(settings, metrics, loader or functools.partial(runtimes.load, settings=settings))
         app.state.registry = registry
         logger.info("model store: %s", settings.model_store.resolve())
+        if slot is not None and slot.restarted:
+            # The other processes are serving: take no connection from them (uvicorn listens only
+            # after this startup) until this one can answer too.
+            await registry.scan()
         registry.start_polling()
         try:
             yield

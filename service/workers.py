@@ -36,6 +36,7 @@ FD_ENV = "IMGSERVE_WORKER_FD"
 INDEX_ENV = "IMGSERVE_WORKER_INDEX"
 DIR_ENV = "IMGSERVE_WORKER_DIR"
 COUNT_ENV = "IMGSERVE_WORKER_COUNT"
+RESTART_ENV = "IMGSERVE_WORKER_RESTART"
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 HEARTBEAT_S = 1.0
 STALE_S = 10.0  # a process whose post is older than this is stuck (its event loop does not run)
@@ -48,12 +49,14 @@ class WorkerSlot:
     index: int
     count: int
     board_dir: Path
+    restarted: bool = False  # started again after a crash: load before taking connections from the others
 
     @classmethod
     def from_env(cls) -> WorkerSlot | None:
         if INDEX_ENV not in os.environ:
             return None
-        return cls(int(os.environ[INDEX_ENV]), int(os.environ[COUNT_ENV]), Path(os.environ[DIR_ENV]))
+        return cls(int(os.environ[INDEX_ENV]), int(os.environ[COUNT_ENV]), Path(os.environ[DIR_ENV]),
+                   os.environ.get(RESTART_ENV) == "1")
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Supervisor:
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.stopping = False
         self.exit_codes: dict[int, int] = {}
+        self.sock: socket.socket | None = None
 
     def run(self) -> int:
         board_dir = Path(tempfile.mkdtemp(prefix="imgserve-"))
@@ -157,6 +161,7 @@ class Supervisor:
             shutil.rmtree(board_dir, ignore_errors=True)
             return 1
         sock.set_inheritable(True)
+        self.sock = sock
         env = {**os.environ, FD_ENV: str(sock.fileno()), DIR_ENV: str(board_dir), COUNT_ENV: str(self.count),
                METRICS_ENV: str(metrics_dir)}
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -167,7 +172,8 @@ class Supervisor:
                 self._start(index, env)
             self._watch(env, metrics_dir)
         finally:
-            sock.close()
+            if self.sock is not None:
+                self.sock.close()
             for proc in self.procs.values():
                 if proc.poll() is None:
                     proc.kill()
@@ -178,7 +184,9 @@ class Supervisor:
         return 1 if failed else 0
 
     def _start(self, index: int, env: dict[str, str]) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], env={**env, INDEX_ENV: str(index)},
+        restart = "1" if index in self.procs else "0"
+        proc = subprocess.Popen([sys.executable, "-m", "service"],
+                                env={**env, INDEX_ENV: str(index), RESTART_ENV: restart},
                                 pass_fds=(int(env[FD_ENV]),), preexec_fn=_die_with_parent)
         self.procs[index] = proc
         logger.info("server process %d of %d: pid %d", index + 1, self.count, proc.pid)
@@ -187,6 +195,11 @@ class Supervisor:
         if not self.stopping:
             logger.info("signal %d: draining %d server processes", sig, self.count)
         self.stopping = True
+        if self.sock is not None:
+            # No restarts from here on: let the listener close when the last process closes it, so that a
+            # connection arriving after the drain began is refused instead of queued and then reset.
+            self.sock.close()
+            self.sock = None
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
