@@ -81,6 +81,29 @@ def server_counts(url: str) -> dict[str, float]:
     return out
 
 
+def _memory(samples: list[tuple[float, int]]) -> tuple[float | None, float | None, float | None, float | None]:
+    """(slope MiB/min by least squares after the first minute, first, last, max MiB)."""
+    xs = np.array([s for s, _ in samples if s >= 60]) / 60
+    ys = np.array([r for s, r in samples if s >= 60]) / 2**20
+    if not len(ys):
+        return None, None, None, None
+    slope = float(np.polyfit(xs, ys, 1)[0]) if len(xs) >= 3 else None
+    return slope, float(ys[0]), float(ys[-1]), float(ys.max())
+
+
+def _counts_match(load: dict[str, object], counts: dict[str, float]) -> bool | None:
+    """Did the server count, by status, exactly the answers the client got? (None: not comparable)"""
+    statuses = load.get("statuses")
+    if not isinstance(statuses, dict):
+        return None
+    server: dict[str, float] = {}
+    for key, value in counts.items():
+        if key.startswith("imgserve_http_requests_total{") and 'handler="/predict"' in key and value:
+            code = key.split('status="')[1].split('"')[0]
+            server[code] = server.get(code, 0.0) + value
+    return {k: float(v) for k, v in statuses.items() if v} == server
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--minutes", type=float, default=10)
@@ -88,6 +111,7 @@ def main() -> int:
     p.add_argument("--rate", type=float, help="open loop at this multiple of the measured capacity (overload)")
     p.add_argument("--queue-rows", type=int, default=256)
     p.add_argument("--timeout-ms", type=int, default=30000)
+    p.add_argument("--workers", default="1", help="IMGSERVE_WORKERS of the server")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     p.add_argument("--store", type=Path, default=REPO / "bench" / ".store")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -96,14 +120,19 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     server = Server(args.store, "bench-cnn", args.out / f"{stamp}-soak-server.log",
-                    IMGSERVE_MAX_QUEUE_ROWS=str(args.queue_rows), IMGSERVE_REQUEST_TIMEOUT_MS=str(args.timeout_ms))
+                    IMGSERVE_MAX_QUEUE_ROWS=str(args.queue_rows), IMGSERVE_REQUEST_TIMEOUT_MS=str(args.timeout_ms),
+                    IMGSERVE_WORKERS=args.workers)
     samples: list[tuple[float, int]] = []
+    per_process: dict[int, list[tuple[float, int]]] = {pid: [] for pid in server.workers()}
     done = threading.Event()
 
     def sample() -> None:
         start = time.monotonic()
         while not done.wait(10):
-            samples.append((time.monotonic() - start, rss_bytes(server.proc.pid)))
+            at = time.monotonic() - start
+            samples.append((at, server.rss()))
+            for pid, series in per_process.items():
+                series.append((at, rss_bytes(pid)))
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
@@ -126,14 +155,16 @@ def main() -> int:
     finally:
         done.set()
         server.stop()
-    xs = np.array([s for s, _ in samples if s >= 60]) / 60
-    ys = np.array([r for s, r in samples if s >= 60]) / 2**20
-    slope = float(np.polyfit(xs, ys, 1)[0]) if len(xs) >= 3 else None
+    slope, first, last, peak = _memory(samples)
+    counts = {k: v - before.get(k, 0.0) for k, v in after.items()}
     result = {"started": stamp, "command": " ".join(["python -m bench.soak", *sys.argv[1:]]), "load": result_load,
-              "capacity": capacity, "server_counts": {k: v - before.get(k, 0.0) for k, v in after.items()},
+              "capacity": capacity, "server_counts": counts, "counts_match": _counts_match(result_load, counts),
+              "workers": args.workers, "processes": len(per_process),
               "rss_after_warmup_mib": server.rss_after_warmup / 2**20,
-              "rss_first_mib": float(ys[0]) if len(ys) else None, "rss_last_mib": float(ys[-1]) if len(ys) else None,
-              "rss_max_mib": float(ys.max()) if len(ys) else None, "rss_slope_mib_per_min": slope,
+              "rss_first_mib": first, "rss_last_mib": last, "rss_max_mib": peak, "rss_slope_mib_per_min": slope,
+              "per_process": {str(pid): dict(zip(("slope_mib_per_min", "first_mib", "last_mib", "max_mib"),
+                                                 _memory(series), strict=True))
+                              for pid, series in per_process.items()},
               "samples": samples}
     (args.out / f"{stamp}-soak.json").write_text(json.dumps(result, indent=2))
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2))

@@ -99,11 +99,14 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height limit, checked before decoding")
     max_images_per_request: int = Field(64, ge=1, description="images in one request at most")
     max_form_fields: int = Field(256, ge=1, description="multipart fields in one request at most")
-    decode_threads: int = Field(0, ge=0, description="decoding thread pool size (0: number of CPUs)")
+    decode_threads: int = Field(
+        0, ge=0, description="decoding thread pool size (0: the process's share of the CPU cores)"
+    )
     warmup_batch_sizes: CommaInts = Field(
         default_factory=list, description="comma-separated batch sizes run at load (default: 1 and max_batch_size)"
     )
-    intra_op_threads: int = Field(0, ge=0, description="TensorFlow intra-op threads (0: TensorFlow decides)")
+    intra_op_threads: int = Field(0, ge=0, description="threads of one model call, TensorFlow intra-op or OpenVINO (0: "
+                                  "the runtime decides; with several processes, each one's share of the cores)")
     inter_op_threads: int = Field(0, ge=0, description="TensorFlow inter-op threads (0: TensorFlow decides)")
     onednn: bool = Field(True, description="set TF_ENABLE_ONEDNN_OPTS=1 (faster on x86 CPUs)")
     mixed_precision: bool = Field(

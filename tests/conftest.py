@@ -80,6 +80,16 @@ def clone_version(store: Path, name: str, src: int, dst: int, mutate: dict[str, 
 LiveServer = ServerProcess
 
 
+def served_everywhere(server: LiveServer, model: str) -> set[int | None] | None:
+    """The versions of `model` that the server's processes serve (one each), or None while not ready."""
+    import httpx
+
+    r = httpx.get(server.url + "/health/ready", timeout=10)
+    if r.status_code != 200:
+        return None
+    return {p["models"].get(model) for p in r.json()["processes"]}
+
+
 def served_runtime(trained: Trained, **settings: object) -> object:
     """In process, the runtime a server with these settings picks for the trained version (a variant or
     the SavedModel): what its answers must equal."""

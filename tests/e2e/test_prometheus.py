@@ -48,7 +48,7 @@ def test_prometheus_scrapes_batch_sizes(live: LiveServer, tmp_path: Path) -> Non
                     value = float(r["data"]["result"][0]["value"][1])
                     if value >= 6:
                         break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):  # not up yet, or still starting (a non-JSON answer)
                 pass
             time.sleep(0.5)
         assert value is not None and value >= 6, (tmp_path / "prometheus.log").read_text()[-2000:]

@@ -18,7 +18,7 @@ from service import store
 from service.imaging import load_image
 from service.runtimes.openvino import OpenVINORuntime
 from service.runtimes.tensorflow import SavedModelRuntime
-from tests.conftest import REPO, Trained, clone_version, clothing_images, start_server
+from tests.conftest import REPO, Trained, clone_version, clothing_images, served_everywhere, start_server
 from tests.e2e.test_server import Load, wait_for
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,11 @@ def test_every_variant_answers_like_the_savedmodel(trained: Trained) -> None:
     for v in meta.variants:
         got = OpenVINORuntime(path, meta, v).predict(images)
         assert np.abs(got - want).max() <= TOLERANCE[v.precision], v.key
-        assert np.mean(got.argmax(1) == want.argmax(1)) >= 0.9, v.key
+        # top-1 agrees wherever the SavedModel's answer is decisive (the small test model is often near a
+        # tie, where a change within the tolerance may swap the first two classes: seen with int8 on AVX2)
+        top2 = np.sort(want, axis=1)[:, -2:]
+        decisive = top2[:, 1] - top2[:, 0] > 2 * TOLERANCE[v.precision]
+        assert np.all(got.argmax(1)[decisive] == want.argmax(1)[decisive]), v.key
         ev = v.evaluation
         assert ev is not None and ev.test_images and ev.images_per_s and ev.images_per_s > 0
         # measured against the SavedModel on the same split (Keras' own evaluation may differ by a tie)
@@ -76,6 +80,7 @@ def test_hot_swap_to_and_from_int8_under_load(trained: Trained, tmp_path: Path) 
             assert wait_for(lambda: any(v == v1 + 1 for _, v, _ in load.results[-5:]))
             clone_version(root, trained.name, v1, v1 + 2)  # int8 again
             assert wait_for(lambda: any(v == v1 + 2 for _, v, _ in load.results[-5:]))
+            assert wait_for(lambda: served_everywhere(server, trained.name) == {v1 + 2}, 60)
             n = len(load.results)
             assert wait_for(lambda: len(load.results) > n + 10)
         for v in (v1, v1 + 1, v1 + 2):
