@@ -2,6 +2,11 @@
 requests answered in a fixed window, with raw `image/jpeg` bodies and with multipart uploads.
 
     python -m bench.cpu --store /tmp/peers-store-tiny --model tiny-64 --clients 32 --duration 20
+    python -m bench.cpu ... --target before=/tmp/before:1 --target after=.:auto --rounds 3
+
+Each `--target NAME=CODE:WORKERS` is a checkout of this project (its `python -m service`, run with
+this venv) and an IMGSERVE_WORKERS value; the targets are measured in turn, `--rounds` times over,
+so that a before/after pair shares the machine's state, and the median of the rounds is reported.
 
 The load comes from wrk (compiled, a separate process; its CPU is not counted). The figure is a
 property of the server's code path, so it can be compared before and after a change on one machine
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,26 +42,44 @@ def main() -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--duration", type=float, default=20)
-    p.add_argument("--workers", default="1", help="IMGSERVE_WORKERS of the server")
+    p.add_argument("--target", action="append", default=[], help="NAME=CODE_DIR:WORKERS (default: this=.:1)")
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     image = sorted(args.images.rglob("*.jpg"))[0]
-    server = Server(args.store, args.model, args.out / f"{stamp}-cpu-server.log", IMGSERVE_WORKERS=args.workers,
-                    IMGSERVE_LOG_LEVEL="WARNING")
-    try:
-        runs = [measure(server, image, args.clients, args.duration, m) for m in (False, True)]
-    finally:
-        server.stop()
-    result = {"started": stamp, "command": " ".join(["python -m bench.cpu", *sys.argv[1:]]),
-              "workers": args.workers, "image": str(image), "runs": runs}
+    targets = [_target(t) for t in args.target or ["this=.:1"]]
+    runs: list[dict[str, object]] = []
+    for rnd in range(args.rounds):
+        for name, code, workers in targets:
+            server = Server(args.store, args.model, args.out / f"{stamp}-cpu-{name}-server.log", code=code,
+                            IMGSERVE_WORKERS=workers, IMGSERVE_LOG_LEVEL="WARNING")
+            try:
+                for multipart in (False, True):
+                    r = measure(server, image, args.clients, args.duration, multipart)
+                    runs.append({"target": name, "code": str(code), "workers": workers, "round": rnd + 1, **r})
+                    print(f"{name:>8} round {rnd + 1} {r['body']:>9}: {r['cpu_ms_per_request']:.3f} ms server CPU "
+                          f"per request, {r['images_per_s']:.0f} images/s, p50 {r['p50_ms']:.1f} ms, "
+                          f"{r['server_cores_busy']:.2f} cores busy", flush=True)
+            finally:
+                server.stop()
+    summary = {f"{n} {b}": statistics.median(float(r["cpu_ms_per_request"]) for r in runs  # type: ignore[arg-type]
+                                             if r["target"] == n and r["body"] == b)
+               for n, _, _ in targets for b in ("raw", "multipart")}
+    result = {"started": stamp, "command": " ".join(["python -m bench.cpu", *sys.argv[1:]]), "image": str(image),
+              "median_cpu_ms_per_request": summary, "runs": runs}
     (args.out / f"{stamp}-cpu.json").write_text(json.dumps(result, indent=2))
-    for r in runs:
-        print(f"{r['body']:>9}: {r['cpu_ms_per_request']:.3f} ms server CPU per request, "
-              f"{r['images_per_s']:.0f} images/s, p50 {r['p50_ms']:.1f} ms, {r['server_cores_busy']:.2f} cores busy")
+    for key, value in summary.items():
+        print(f"median {key}: {value:.3f} ms server CPU per request")
     return 0
+
+
+def _target(text: str) -> tuple[str, Path, str]:
+    name, _, rest = text.partition("=")
+    code, _, workers = rest.rpartition(":")
+    return name, Path(code or ".").resolve(), workers or "1"
 
 
 if __name__ == "__main__":

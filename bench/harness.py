@@ -80,7 +80,8 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
 class ServerProcess:
     """`python -m service` on 127.0.0.1 and a free port, returned once /health/ready answers 200."""
 
-    def __init__(self, store: Path, log: Path, *, ready_timeout: float = 120, **settings: str) -> None:
+    def __init__(self, store: Path, log: Path, *, ready_timeout: float = 120, code: Path = REPO,
+                 **settings: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -88,7 +89,7 @@ class ServerProcess:
                           **settings)
         t0 = time.perf_counter()
         with open(log, "wb") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=fh,
+            self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=code, env=env, stdout=fh,
                                          stderr=subprocess.STDOUT)
         self._wait_ready(ready_timeout)
         self.startup_s = time.perf_counter() - t0

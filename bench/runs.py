@@ -53,10 +53,10 @@ def in_process(version_dir: Path, images: Path, max_batch: int, repeats: int,
 class Server(ServerProcess):
     """The service as the benchmarks run it: one model, a deep queue and long deadlines."""
 
-    def __init__(self, store: Path, model: str, log: Path, **settings: str) -> None:
+    def __init__(self, store: Path, model: str, log: Path, code: Path = REPO, **settings: str) -> None:
         defaults = {"IMGSERVE_PINNED_VERSIONS": "", "IMGSERVE_DEFAULT_MODEL": model, "IMGSERVE_MODELS": model,
                     "IMGSERVE_MAX_QUEUE_ROWS": "1024", "IMGSERVE_REQUEST_TIMEOUT_MS": "120000"}
-        super().__init__(store, log, ready_timeout=600, **{**defaults, **settings})
+        super().__init__(store, log, ready_timeout=600, code=code, **{**defaults, **settings})
 
     def batch_totals(self) -> tuple[float, float]:
         text = self.metrics()

@@ -87,15 +87,17 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     return ImageInfo(fmt, width, height)
 
 
-def decode_image(data: bytes, height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 info: ImageInfo | None = None) -> np.ndarray:
     """Decode encoded image bytes to a `(height, width, 3)` uint8 RGB array.
 
     EXIF orientation is applied; grey, palette, alpha (dropped) and 16-bit images become 8-bit RGB.
     JPEGs whose short side is at least twice the target are decoded at 1/2, 1/4 or 1/8 scale by the
     codec itself, which is several times faster. The image is then resized (area interpolation when
-    shrinking) to exactly the target size, without keeping the aspect ratio.
+    shrinking) to exactly the target size, without keeping the aspect ratio. `info`: the header as
+    `probe` read it, when the caller already has it.
     """
-    info = probe(data, max_pixels)
+    info = info or probe(data, max_pixels)
     flags = cv2.IMREAD_COLOR
     short_side, target = min(info.width, info.height), max(height, width)
     for factor, reduced in _REDUCED_FLAGS:

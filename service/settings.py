@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="width x height limit, checked before decoding")
     max_images_per_request: int = Field(64, ge=1, description="images in one request at most")
     max_form_fields: int = Field(256, ge=1, description="multipart fields in one request at most")
+    inline_decode_max_pixels: int = Field(
+        300_000, ge=0, description="a lone image of at most this many pixels is decoded on the event loop, not in "
+        "the thread pool (0: never)"
+    )
     decode_threads: int = Field(
         0, ge=0, description="decoding thread pool size (0: the process's share of the CPU cores)"
     )
