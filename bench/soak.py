@@ -34,15 +34,28 @@ from bench.runs import Server, ensure_model, load
 def open_loop(url: str, image: Path, rate: float, seconds: float, timeout_s: float) -> dict[str, object]:
     """`rate` requests/s for `seconds` with hey: enough workers that each sends at most 1.5/s, so a
     worker falls behind its schedule only if an answer takes longer than 667 ms (`answered_per_s`
-    below `offered_per_s` shows by how much it did)."""
+    below `offered_per_s` shows by how much it did). One hey's workers all tick at the same instants,
+    which would offer the load in bursts of every worker at once; so the workers are split over
+    SHARDS hey processes whose start times are spread evenly over one tick."""
     if not shutil.which("hey"):
         raise SystemExit("the open-loop overload needs `hey` (apt-get install hey)")
-    workers = max(8, int(rate / 1.5) + 1)
-    out = subprocess.run(
-        ["hey", "-z", f"{int(seconds)}s", "-c", str(workers), "-q", f"{rate / workers:.3f}", "-m", "POST",
-         "-T", "image/jpeg", "-D", str(image), "-t", str(int(timeout_s)), "-o", "csv", url + "/predict"],
-        capture_output=True, text=True, check=True)
-    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    workers = max(SHARDS, int(rate / 1.5) + 1)
+    per_worker = rate / workers
+    tick = 1.0 / per_worker
+    procs = []
+    for i in range(SHARDS):
+        n = workers // SHARDS + (1 if i < workers % SHARDS else 0)
+        time.sleep(tick / SHARDS if i else 0)
+        procs.append(subprocess.Popen(
+            ["hey", "-z", f"{int(seconds)}s", "-c", str(n), "-q", f"{per_worker:.3f}", "-m", "POST",
+             "-T", "image/jpeg", "-D", str(image), "-t", str(int(timeout_s)), "-o", "csv", url + "/predict"],
+            stdout=subprocess.PIPE, text=True))
+    rows = []
+    for proc in procs:
+        stdout, _ = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"hey exited with {proc.returncode}")
+        rows += list(csv.DictReader(io.StringIO(stdout)))
     statuses: dict[str, int] = {}
     ok_ms: list[float] = []
     all_ms: list[float] = []
@@ -55,7 +68,7 @@ def open_loop(url: str, image: Path, rate: float, seconds: float, timeout_s: flo
             ok_ms.append(ms)
     span = max((float(r["offset"]) for r in rows), default=seconds)
     lat = np.asarray(ok_ms)
-    return {"tool": "hey", "workers": workers, "offered_per_s": rate, "answered": len(rows),
+    return {"tool": f"hey x{SHARDS}, staggered", "workers": workers, "offered_per_s": rate, "answered": len(rows),
             "answered_per_s": len(rows) / span if span else 0.0, "statuses": statuses,
             "ok": len(ok_ms), "images_per_s": len(ok_ms) / span if span else 0.0,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
@@ -63,6 +76,9 @@ def open_loop(url: str, image: Path, rate: float, seconds: float, timeout_s: flo
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
             "max_ms": float(lat.max()) if len(lat) else None,
             "p99_all_ms": float(np.percentile(all_ms, 99)) if all_ms else None}
+
+
+SHARDS = 16
 
 
 def server_counts(url: str) -> dict[str, float]:
@@ -140,7 +156,10 @@ def main() -> int:
     before: dict[str, float] = {}
     try:
         if args.rate:
-            capacity = load(server, args.images, 64, 20, "wrk")
+            # capacity: as many clients as the server takes in at once (3/4 of the queue in every process,
+            # so that uneven connection spreading refuses none); refusals would make it look smaller
+            clients = max(4, args.queue_rows * len(per_process) * 3 // 4)
+            capacity = load(server, args.images, clients, 20, "wrk")
             before = server_counts(server.url)
             image = sorted(args.images.rglob("*.jpg"))[0]
             result_load = open_loop(server.url, image, args.rate * capacity["images_per_s"], args.minutes * 60,
