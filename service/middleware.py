@@ -28,12 +28,21 @@ def _new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):020x}"
 
 
+_ROUTES_SEEN: dict[tuple[str, str], str] = {}  # (method, path) -> route, for requests refused before routing
+
+
 def _route_of(scope: Scope) -> str:
     """The route template that served (or would serve) the request, e.g. `/v2/models/{model}/infer`."""
     route = scope.get("route")
     if route is not None:
         return str(getattr(route, "path", "none"))
-    return _match(getattr(scope.get("app"), "routes", ()), scope) or "none"
+    key = (scope["method"], scope["path"])
+    found = _ROUTES_SEEN.get(key)
+    if found is None:
+        found = _match(getattr(scope.get("app"), "routes", ()), scope) or "none"
+        if len(_ROUTES_SEEN) < 1024:  # paths come from clients: keep the memo bounded
+            _ROUTES_SEEN[key] = found
+    return found
 
 
 def _match(routes: Iterable[Any], scope: Scope) -> str | None:
@@ -61,6 +70,10 @@ class ServiceMiddleware:
         self.inflight_limit = inflight_limit
         self.inflight = 0
         self._inflight_gauge = metrics.inflight_requests
+        # the answer over the limit, made once: refusing must stay cheap when it is most of the traffic
+        self._busy_body, self._busy_headers = _json_parts(
+            f"the server is at capacity ({inflight_limit} requests in progress in this process); retry after 1s",
+            "queue_full", {"retry-after": "1"})
 
     def on_reject(self, reason: str) -> None:
         self.metrics.rejections.labels(reason).inc()
@@ -88,8 +101,10 @@ class ServiceMiddleware:
             if scope["method"] == "POST":  # the work: predictions, loads
                 if self.inflight >= self.inflight_limit and not self.draining():
                     self.on_reject("busy")
-                    await _json(send_with_id, 429, f"the server is at capacity ({self.inflight} requests in "
-                                "progress in this process); retry after 1s", "queue_full", {"retry-after": "1"})
+                    status = 429
+                    await send({"type": "http.response.start", "status": 429,
+                                "headers": [*self._busy_headers, id_header]})
+                    await send({"type": "http.response.body", "body": self._busy_body})
                     return
                 admitted = True
                 self.inflight += 1
@@ -149,9 +164,13 @@ class ServiceMiddleware:
         await self.app(scope, limited_receive, send_with_id)
 
 
-async def _json(send: Send, status: int, message: str, code: str, extra: dict[str, str]) -> None:
+def _json_parts(message: str, code: str, extra: dict[str, str]) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     body = orjson.dumps({"error": message, "code": code})
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.encode(), v.encode()) for k, v in extra.items()]
+    return body, headers + [(k.encode(), v.encode()) for k, v in extra.items()]
+
+
+async def _json(send: Send, status: int, message: str, code: str, extra: dict[str, str]) -> None:
+    body, headers = _json_parts(message, code, extra)
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
