@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LiveServer, Trained, clone_version, clothing_images, metric_sum, start_server
+from tests.e2e.test_server import wait_for
 
 
 @pytest.fixture
@@ -36,15 +37,6 @@ def fresh_post(url: str, image: bytes) -> httpx.Response:
 def per_process(text: str, name: str) -> dict[str, float]:
     return {s.labels["pid"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
             if s.name == name}
-
-
-def wait_for(check, timeout: float = 60) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_metrics_of_two_processes_add_up(two: LiveServer) -> None:
