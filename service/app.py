@@ -52,17 +52,16 @@ def _error_body(message: str, code: str, **extra: object) -> dict[str, object]:
 async def _post_state(app: FastAPI, board: Board | None, metrics: Metrics) -> None:
     """Keep this process's post on the board current (on change, and every second as a heartbeat),
     and its own memory gauge."""
-    slot = board.slot if board is not None else None
     last: tuple[object, ...] | None = None
     posted = 0.0
     while True:
         registry = getattr(app.state, "registry", None)
-        models = {n: s.version for n, s in registry.served.items()} if registry is not None else {}
+        models = registry.versions() if registry is not None else {}
         ready = registry is not None and registry.ready
         now = (ready, bool(app.state.draining), tuple(sorted(models.items())))
         if now != last or time.monotonic() - posted >= workers.HEARTBEAT_S:
-            if board is not None and slot is not None:
-                board.post(workers.WorkerState(slot.index, os.getpid(), ready, bool(app.state.draining),
+            if board is not None:
+                board.post(workers.WorkerState(board.slot.index, os.getpid(), ready, bool(app.state.draining),
                                                "no model is loaded yet", models))
             last, posted = now, time.monotonic()
             metrics.process_rss.set(workers.rss_bytes())

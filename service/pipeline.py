@@ -169,15 +169,14 @@ async def decode_all(
     `inline_decode_max_pixels` is then decoded right there: about a millisecond, less than the thread
     hand-off and GIL traffic would cost with one core per process. Larger or several images go to
     the thread pool, so that the event loop is never held for long."""
-    try:
-        infos = [probe(b, settings.max_image_pixels) for b in blobs]
-    except ImageError as exc:
-        raise _rejected(exc, metrics, 0, len(blobs)) from exc
-    if len(blobs) == 1 and infos[0].width * infos[0].height <= settings.inline_decode_max_pixels:
+    infos = []
+    for i, b in enumerate(blobs):
         try:
-            return [_timed_decode(blobs[0], height, width, settings, infos[0], metrics)]
+            infos.append(probe(b, settings.max_image_pixels))
+            if len(blobs) == 1 and infos[0].width * infos[0].height <= settings.inline_decode_max_pixels:
+                return [_timed_decode(b, height, width, settings, infos[0], metrics)]
         except ImageError as exc:
-            raise _rejected(exc, metrics, 0, 1) from exc
+            raise _rejected(exc, metrics, i, len(blobs)) from exc
     loop = asyncio.get_running_loop()
     results = await asyncio.gather(*(loop.run_in_executor(pool, _timed_decode, b, height, width, settings, info,
                                                           metrics) for b, info in zip(blobs, infos, strict=True)),

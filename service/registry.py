@@ -33,6 +33,10 @@ class Registry:
     def ready(self) -> bool:
         return bool(self.served)
 
+    def versions(self) -> dict[str, int]:
+        """Model name -> the version served."""
+        return {n: s.version for n, s in self.served.items()}
+
     def start_polling(self) -> None:
         self._poll_task = asyncio.get_running_loop().create_task(self._poll(), name="store-poll")
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -248,7 +249,7 @@ def rss_bytes() -> int:
     return 0
 
 
-def describe(states: list[WorkerState | None]) -> list[dict[str, Any]]:
+def describe(states: Sequence[WorkerState | None]) -> list[dict[str, Any]]:
     """The board as /health/ready shows it."""
     return [{"index": i, "pid": s.pid, "ready": s.ready and not s.draining, "models": s.models}
             if s is not None else {"index": i, "ready": False} for i, s in enumerate(states)]

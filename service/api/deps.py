@@ -86,9 +86,6 @@ class ORJSONResponse(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-# The dependencies are coroutines: FastAPI runs plain functions in a thread pool, a thread hop per request.
-
-
 class State:
     """What the lifespan puts on `app.state`, typed."""
 
@@ -98,6 +95,8 @@ class State:
     draining: bool
 
 
+# The dependencies below are coroutines: FastAPI runs plain functions in its thread pool, a thread hop
+# per request.
 async def get_state(request: Request) -> State:
     return request.app.state  # type: ignore[no-any-return]
 

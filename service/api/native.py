@@ -17,7 +17,7 @@ from service.api.views import describe_models, runtime_view
 from service.errors import BadRequest, NotFound, NotReady, UnsupportedMediaType
 from service.loading import ServedVersion
 from service.pipeline import Images, infer, top_k
-from service.workers import describe
+from service.workers import WorkerState, describe
 
 router = APIRouter()
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -131,12 +131,11 @@ async def ready(request: Request) -> dict[str, Any]:
         raise NotReady(reason)
     registry = request.app.state.registry
     board = request.app.state.board
-    return {"status": "ready", "models": {n: s.version for n, s in registry.served.items()},
+    alone = [WorkerState(0, os.getpid(), True, False, "", registry.versions())]
+    return {"status": "ready", "models": registry.versions(),
             "runtimes": {n: runtime_view(s) for n, s in registry.served.items()},
             "device": getattr(request.app.state, "device", "unknown"),
-            "processes": describe(board.states()) if board is not None else
-            [{"index": 0, "pid": os.getpid(), "ready": True, "models": {n: s.version
-                                                                       for n, s in registry.served.items()}}]}
+            "processes": describe(board.states() if board is not None else alone)}
 
 
 @router.get("/", include_in_schema=False)
