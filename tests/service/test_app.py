@@ -283,3 +283,10 @@ async def test_over_the_inflight_limit_is_refused_before_the_body_is_read(tmp_pa
     assert metric_sum(text, "imgserve_http_requests_total", handler="/predict", status="429") == 1
     assert metric_sum(text, "imgserve_http_requests_total", handler="/predict", status="200") == 3
     assert metric_sum(text, "imgserve_inflight_requests") == 0
+
+
+async def test_a_bad_image_among_several_is_named_by_its_place(client: httpx.AsyncClient) -> None:
+    files = [("file", ("a.jpg", jpeg(10), "image/jpeg")), ("file", ("b.pdf", b"%PDF-1.4 nope", "image/jpeg"))]
+    r = await client.post("/predict", files=files)
+    assert r.status_code == 415, r.text
+    assert r.json()["error"].startswith("image 2 of 2: ")
