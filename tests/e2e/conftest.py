@@ -1,5 +1,7 @@
-"""Every end-to-end test runs twice: against one server process and against two behind one port
-(IMGSERVE_WORKERS=2, the supervisor). Servers a test starts inherit the setting from the environment."""
+"""End-to-end tests run against one server process and, where more than one process changes what is
+tested (batching, overload, metrics, draining, bad input beside good), also against two behind one port
+(IMGSERVE_WORKERS=2, the supervisor). A module says which with `SERVER_PROCESSES` (default: one);
+servers a test starts inherit the setting from the environment."""
 
 from __future__ import annotations
 
@@ -7,10 +9,17 @@ from collections.abc import Iterator
 
 import pytest
 
-PROCESS_COUNTS = ["1", "2"]
+DEFAULT_PROCESS_COUNTS = ["1"]
 
 
-@pytest.fixture(scope="module", autouse=True, params=PROCESS_COUNTS, ids=lambda n: f"{n}proc")
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "server_processes" in metafunc.fixturenames:
+        counts = getattr(metafunc.module, "SERVER_PROCESSES", DEFAULT_PROCESS_COUNTS)
+        metafunc.parametrize("server_processes", counts, indirect=True, scope="module",
+                             ids=[f"{n}proc" for n in counts])
+
+
+@pytest.fixture(scope="module", autouse=True)
 def server_processes(request: pytest.FixtureRequest) -> Iterator[int]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("IMGSERVE_WORKERS", request.param)

@@ -23,6 +23,7 @@ from PIL import Image
 from tests.conftest import LiveServer, Trained, clothing_images, start_server
 
 pytestmark = pytest.mark.slow
+SERVER_PROCESSES = ["1", "2"]  # see conftest.py
 
 
 def enc(img: Image.Image, fmt: str, **kw: Any) -> bytes:

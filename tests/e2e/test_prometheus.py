@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import LiveServer, clothing_images, free_port
 
 pytestmark = pytest.mark.slow
+SERVER_PROCESSES = ["1", "2"]  # see conftest.py
 
 
 def test_prometheus_scrapes_batch_sizes(live: LiveServer, tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.slow
+SERVER_PROCESSES = ["1", "2"]  # see conftest.py
 
 
 def post(client: httpx.Client, path: Path, **params: object) -> httpx.Response:
