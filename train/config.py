@@ -35,13 +35,27 @@ class TrainConfig:
     image_size: int = _opt(224, "input height and width in pixels")
     batch_size: int = _opt(32, "training batch size")
     head_epochs: int = _opt(20, "phase 1: epochs at most for the new head")
-    fine_tune_epochs: int = _opt(8, "phase 2: epochs at most, 0 to skip")
+    fine_tune_epochs: int = _opt(12, "phase 2: epochs at most, 0 to skip (the time budget may plan fewer)")
     fine_tune_from: str | None = _opt(None, "phase 2: the backbone layer from which on layers are unfrozen "
                                       "(default: the backbone's last block, e.g. block5_conv1 for VGG16)")
     head_learning_rate: float = _opt(1e-3, "Adam learning rate, phase 1")
-    fine_tune_learning_rate: float = _opt(1e-5, "Adam learning rate, phase 2")
+    fine_tune_learning_rate: float = _opt(1e-4, "Adam learning rate, phase 2")
+    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss, both phases")
+    class_weights: bool = _opt(True, "weight the loss by inverse class frequency (no: plain sampling)")
+    time_budget_min: float = _opt(30.0, "plan the epochs so the whole run (evaluation and export included) "
+                                  "ends within this many minutes; 0 for no budget")
+    flip_tta: bool = _opt(False, "serve the average of the image and its mirror image (twice the cost per "
+                          "image; the report gives the test accuracy with and without it either way)")
+    precision: str = _opt("float32", "float32, or bfloat16: mixed bfloat16 compute (fast only on CPUs with "
+                          "AVX512_BF16 or AMX, or a GPU)", choices=("float32", "bfloat16"))
+    cache_dir: Path | None = _opt(None, "where the feature cache folder is made (default: the system temp "
+                                  "folder)")
+    cache_dtype: str = _opt("float16", "dtype of the cached features", choices=("float16", "bfloat16",
+                                                                                 "float32"))
+    keep_cache: bool = _opt(False, "keep the feature cache folder when the run ends")
     dropout: float = _opt(0.3, "dropout before the softmax layer")
-    patience: int = _opt(4, "early stopping patience on validation loss (epochs)")
+    patience: int = _opt(3, "early stopping patience on validation loss (epochs); the best epoch's weights are "
+                         "kept")
     augment_copies: int = _opt(1, "with cached features: augmented copies of the training set added to the "
                                "originals")
     cache_features: bool | None = _opt(None, "train on cached backbone outputs (default: yes for a chain-shaped "

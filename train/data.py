@@ -6,6 +6,7 @@ import hashlib
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,3 +180,20 @@ def load_split(
         paths.append(p)
     x = np.stack(images) if images else np.zeros((0, height, width, 3), np.uint8)
     return x, np.asarray(labels, dtype=np.int64), paths
+
+
+def iter_split(
+    split: Split, height: int, width: int, skipped: list[str], workers: int = 4, chunk: int = 256
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[Path]]]:
+    """`load_split` a chunk of images at a time, so only one chunk of pixels is in memory."""
+    for i in range(0, len(split), chunk):
+        part = Split(split.paths[i : i + chunk], split.labels[i : i + chunk])
+        x, y, paths = load_split(part, height, width, skipped, workers)
+        if len(x):
+            yield x, y, paths
+
+
+def subset(split: Split, count: int, seed: int) -> Split:
+    """A seeded sample of at most `count` images of a split, in the split's order."""
+    pick = sorted(np.random.default_rng(seed).permutation(len(split))[:count].tolist())
+    return Split([split.paths[i] for i in pick], [split.labels[i] for i in pick])

@@ -162,6 +162,39 @@ def build_head(feature_shape: tuple[int, ...], num_classes: int, dropout: float)
     return keras.Model(inputs, outputs, name="head")
 
 
+def split_head(head: keras.Model) -> tuple[Callable[[keras.KerasTensor], keras.KerasTensor],
+                                          Callable[[keras.KerasTensor], keras.KerasTensor]]:
+    """The head's layers up to its global pooling, and after it (the same layer objects): a CPU trains the
+    second part on pooled vectors computed once, which trains the head itself."""
+    chain = [lyr for lyr in head.layers if not isinstance(lyr, keras.layers.InputLayer)]
+    cut = next(i for i, lyr in enumerate(chain) if isinstance(lyr, layers.GlobalAveragePooling2D)) + 1
+
+    def run(part: list[layers.Layer]) -> Callable[[keras.KerasTensor], keras.KerasTensor]:
+        def apply(x: keras.KerasTensor) -> keras.KerasTensor:
+            for lyr in part:
+                x = lyr(x)
+            return x
+        return apply
+
+    return run(chain[:cut]), run(chain[cut:])
+
+
+@keras.saving.register_keras_serializable(package="imgserve")
+class MirrorImage(layers.Layer):
+    """Images flipped left to right."""
+
+    def call(self, x):  # type: ignore[no-untyped-def]
+        return tf.reverse(x, axis=[2])
+
+
+def with_flip_average(classifier: keras.Model, input_shape: tuple[int, int, int]) -> keras.Model:
+    """Flip test-time augmentation in the served graph: the mean of the answers for the image and its
+    mirror image (twice the cost per image)."""
+    inputs = keras.Input(input_shape, dtype="uint8", name="images")
+    both = layers.Average(name="flip_average")([classifier(inputs), classifier(MirrorImage()(inputs))])
+    return keras.Model(inputs, both, name="classifier_flip_average")
+
+
 def assemble(
     normalise: layers.Layer, base: keras.Model, head: keras.Model, input_shape: tuple[int, int, int],
     aug: keras.Sequential | None = None, *, base_training: bool | None = False,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import re
+import resource
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from service import store
 from service.metadata import ModelMeta
 from train import data as dataset
 from train import report
+from train.cache import CachedArray, CachedBatches, FeatureCache
 from train.config import TrainConfig
 from train.model import (
     BACKBONES,
@@ -28,8 +32,10 @@ from train.model import (
     build_backbone,
     build_head,
     export_saved_model,
+    split_head,
     split_linear,
     unfreeze_index,
+    with_flip_average,
 )
 
 logger = logging.getLogger(__name__)
@@ -101,6 +107,11 @@ def _class_weights(y: np.ndarray, k: int) -> dict[int, float]:
     return {i: float(w) for i, w in enumerate(weights)}
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports kibibytes)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
 def _callbacks(patience: int) -> list[keras.callbacks.Callback]:
     return [
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
@@ -111,6 +122,56 @@ def _callbacks(patience: int) -> list[keras.callbacks.Callback]:
 
 def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
+
+
+class Budget:
+    """The run's time budget: a deadline on the monotonic clock, and what must be left for the steps
+    after training (evaluation, export, variants), estimated from the backbone's measured speed."""
+
+    def __init__(self, minutes: float, start: float) -> None:
+        self.minutes = minutes
+        self.start = start
+        self.deadline = start + minutes * 60 if minutes > 0 else math.inf
+        self.reserve_s = 0.0
+        self.stopped: list[str] = []
+
+    def left(self) -> float:
+        """Seconds left for training, after the reserve."""
+        return self.deadline - self.reserve_s - time.perf_counter()
+
+    def describe(self) -> str:
+        if math.isinf(self.deadline):
+            return "no time budget"
+        return f"budget {self.minutes:g} min, {max(0.0, self.deadline - time.perf_counter()) / 60:.1f} min left"
+
+
+class BudgetStop(keras.callbacks.Callback):
+    """Ends a phase when its next epoch would not fit the budget, and logs each epoch's time, the
+    epochs planned and an ETA for the whole run (the epochs still planned plus the reserve)."""
+
+    def __init__(self, budget: Budget, phase: str, planned: int) -> None:
+        super().__init__()
+        self.budget, self.phase, self.planned = budget, phase, planned
+        self.longest = 0.0
+        self.t = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.t = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        took = time.perf_counter() - self.t
+        self.longest = max(self.longest, took)
+        left = self.budget.left()
+        fits = self.planned - epoch - 1 if math.isinf(left) else min(self.planned - epoch - 1,
+                                                                    int(left // self.longest))
+        eta = max(0, fits) * self.longest + self.budget.reserve_s
+        logger.info("%s epoch %d/%d: %.0f s; %d more fit; the run ends in about %.1f min (%s); peak RSS %.2f GiB",
+                    self.phase, epoch + 1, self.planned, took, max(0, fits), eta / 60, self.budget.describe(),
+                    peak_rss_bytes() / 2**30)
+        if fits <= 0 and epoch + 1 < self.planned:
+            self.budget.stopped.append(self.phase)
+            logger.info("%s: stopping after epoch %d, the next would not fit the time budget", self.phase, epoch + 1)
+            self.model.stop_training = True
 
 
 class Progress:
@@ -127,7 +188,8 @@ class Progress:
         self.last = now
         rate = done / max(now - self.start, 1e-9)
         eta = (self.total - done) / max(rate, 1e-9)
-        logger.info("%s: %d/%d images, %.1f images/s, ETA %.0f s", self.what, done, self.total, rate, eta)
+        logger.info("%s: %d/%d images, %.1f images/s, ETA %.0f s; peak RSS %.2f GiB", self.what, done, self.total,
+                    rate, eta, peak_rss_bytes() / 2**30)
 
 
 def _features(model: keras.Model, x: np.ndarray, batch_size: int, training: bool = False,
@@ -143,53 +205,102 @@ def _features(model: keras.Model, x: np.ndarray, batch_size: int, training: bool
 
 @dataclass
 class Data:
+    """The dataset's splits; the pixel arrays are decoded up front only for the strategies that train on
+    images (the cached-features strategy streams them a chunk at a time, and leaves them None)."""
+
     classes: list[str]
-    x_tr: np.ndarray
-    y_tr: np.ndarray
-    x_va: np.ndarray
-    y_va: np.ndarray
-    x_te: np.ndarray
-    y_te: np.ndarray
-    test_paths: list[Path]
     source: dataset.Dataset
+    size: int
+    workers: int
+    x_tr: np.ndarray | None = None
+    y_tr: np.ndarray | None = None
+    x_va: np.ndarray | None = None
+    y_va: np.ndarray | None = None
+    x_te: np.ndarray | None = None
+    y_te: np.ndarray | None = None
+    test_paths: list[Path] = field(default_factory=list)
+
+    def chunks(self, split: str, chunk: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray, list[Path]]]:
+        """(pixels, labels, paths) a chunk at a time: from the decoded arrays, or decoded on the fly."""
+        x = getattr(self, f"x_{split[:2]}")
+        if x is not None:
+            y = getattr(self, f"y_{split[:2]}")
+            paths = self.test_paths if split == "test" else [Path()] * len(x)
+            for i in range(0, len(x), chunk):
+                yield x[i : i + chunk], y[i : i + chunk], paths[i : i + chunk]
+            return
+        parts = {"train": "train", "validation": "validation", "test": "test"}
+        yield from dataset.iter_split(getattr(self.source, parts[split]), self.size, self.size,
+                                      self.source.skipped, self.workers, chunk)
+
+    def images(self, split: str, count: int, seed: int) -> np.ndarray:
+        """A seeded sample of `count` decoded images of a split (for calibration)."""
+        x = getattr(self, f"x_{split[:2]}")
+        if x is not None:
+            pick = np.sort(np.random.default_rng(seed).permutation(len(x))[:count])
+            return np.asarray(x[pick])
+        sample = dataset.subset(getattr(self.source, split), count, seed)
+        return dataset.load_split(sample, self.size, self.size, [], self.workers)[0]
+
+    def test_images(self) -> np.ndarray:
+        if self.x_te is None:
+            self.x_te = dataset.load_split(dataset.Split(self.test_paths, [0] * len(self.test_paths)), self.size,
+                                           self.size, [], self.workers)[0]
+        return self.x_te
 
 
-def load_data(cfg: TrainConfig) -> Data:
-    """Discover, split and decode the dataset with the service's own decoder."""
+def load_data(cfg: TrainConfig, decode: bool = True) -> Data:
+    """Discover and split the dataset; with `decode`, decode every image with the service's own decoder."""
     ds = dataset.discover(cfg.data, seed=cfg.seed)
     for split in (ds.train, ds.validation, ds.test):
         _limit(split, cfg.max_per_class, cfg.seed)
     if len(ds.validation) == 0 or len(ds.test) == 0:
         raise dataset.DatasetError("the dataset is too small: validation and test splits need images")
+    data = Data(ds.classes, ds, cfg.image_size, cfg.workers)
+    if not decode:
+        logger.info("classes %s; images train %d, validation %d, test %d (decoded as they are used)",
+                    ds.classes, len(ds.train), len(ds.validation), len(ds.test))
+        return data
     size = cfg.image_size
-    x_tr, y_tr, _ = dataset.load_split(ds.train, size, size, ds.skipped, cfg.workers)
-    x_va, y_va, _ = dataset.load_split(ds.validation, size, size, ds.skipped, cfg.workers)
-    x_te, y_te, test_paths = dataset.load_split(ds.test, size, size, ds.skipped, cfg.workers)
+    data.x_tr, data.y_tr, _ = dataset.load_split(ds.train, size, size, ds.skipped, cfg.workers)
+    data.x_va, data.y_va, _ = dataset.load_split(ds.validation, size, size, ds.skipped, cfg.workers)
+    data.x_te, data.y_te, data.test_paths = dataset.load_split(ds.test, size, size, ds.skipped, cfg.workers)
     logger.info("classes %s; images train %d, validation %d, test %d; skipped %d undecodable",
-                ds.classes, len(x_tr), len(x_va), len(x_te), len(ds.skipped))
-    if len(x_tr) == 0 or len(x_va) == 0 or len(x_te) == 0:
+                ds.classes, len(data.x_tr), len(data.x_va), len(data.x_te), len(ds.skipped))
+    if len(data.x_tr) == 0 or len(data.x_va) == 0 or len(data.x_te) == 0:
         raise dataset.DatasetError("after skipping undecodable files a split is empty")
-    return Data(ds.classes, x_tr, y_tr, x_va, y_va, x_te, y_te, test_paths, ds)
+    return data
 
 
 @dataclass
 class Fitter:
-    """Compiles and fits one phase at a time, keeping each phase's history and wall time."""
+    """Compiles and fits one phase at a time, keeping each phase's history and wall time, within the budget."""
 
     cfg: TrainConfig
-    class_weight: dict[int, float]
+    class_weight: dict[int, float] | None
+    budget: Budget
     histories: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self, model: keras.Model, lr: float, train: tuple[np.ndarray, np.ndarray],
-                 val: tuple[np.ndarray, np.ndarray], epochs: int, phase: str) -> None:
-        model.compile(optimizer=keras.optimizers.Adam(lr), loss="categorical_crossentropy", metrics=["accuracy"])
+    def loss(self) -> keras.losses.Loss:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=self.cfg.label_smoothing)
+
+    def __call__(self, model: keras.Model, lr: float, train: Any, val: Any, epochs: int, phase: str) -> None:
+        """`train` and `val` are (x, one-hot y) array pairs or PyDatasets (which carry their own weights)."""
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss=self.loss(), metrics=["accuracy"])
         t = time.perf_counter()
-        logger.info("phase %s: %d epochs at most, learning rate %g", phase, epochs, lr)
-        h = model.fit(*train, validation_data=val, epochs=epochs, batch_size=self.cfg.batch_size,
-                      class_weight=self.class_weight, callbacks=_callbacks(self.cfg.patience), verbose=_verbose())
+        logger.info("phase %s: %d epochs at most, learning rate %g, %s", phase, epochs, lr, self.budget.describe())
+        stop = BudgetStop(self.budget, phase, epochs)
+        callbacks = [*_callbacks(self.cfg.patience), stop]
+        if isinstance(train, tuple):
+            h = model.fit(*train, validation_data=val, epochs=epochs, batch_size=self.cfg.batch_size,
+                          class_weight=self.class_weight, callbacks=callbacks, verbose=_verbose())
+        else:
+            h = model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=_verbose())
         self.histories[phase] = {key: [float(v) for v in vals] for key, vals in h.history.items()}
         self.timings[phase] = time.perf_counter() - t
+        self.info.setdefault("epochs", {})[phase] = len(h.history.get("loss", []))
 
 
 @dataclass
@@ -210,32 +321,118 @@ def fit_from_scratch(parts: Parts, data: Data, fit: Fitter, cfg: TrainConfig) ->
         cfg.head_epochs, "train")
 
 
+def _cache_split(cache: FeatureCache, name: str, data: Data, split: str, models: list[keras.Model],
+                 cfg: TrainConfig, total: int) -> tuple[CachedArray, np.ndarray]:
+    """Run each model (the plain prefix, then augmenting ones) over every image of a split, a chunk of
+    decoded images at a time, appending the outputs to one cached array; returns it and its labels."""
+    progress = Progress(f"backbone features ({name})", total * len(models))
+    labels: list[np.ndarray] = []
+    writer = None
+    done = 0
+    try:
+        for x, y, _ in data.chunks(split):
+            for m in models:
+                for i in range(0, len(x), cfg.batch_size):
+                    out = np.asarray(m(x[i : i + cfg.batch_size], training=m.name.endswith("augmented")))
+                    if writer is None:
+                        writer = cache.writer(name, tuple(out.shape[1:]))
+                    writer.write(out)
+                labels.append(y)
+                done += len(x)
+                progress.update(done)
+        if writer is None:
+            raise dataset.DatasetError(f"after skipping undecodable files the {split} split is empty")
+        return cache.add(name, writer.close()), np.concatenate(labels)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+
+
+def _pooled(model: keras.Model, rows: CachedArray, batch_size: int, what: str) -> np.ndarray:
+    """`model` over every cached row, in order, kept in memory (small: pooled vectors)."""
+    progress = Progress(what, len(rows))
+    out = []
+    for i in range(0, len(rows), batch_size):
+        out.append(np.asarray(model(rows.read(i, i + batch_size), training=False)))
+        progress.update(min(i + batch_size, len(rows)))
+    return np.concatenate(out)
+
+
 def fit_on_cached_features(parts: Parts, data: Data, fit: Fitter, cfg: TrainConfig) -> None:
-    """CPU path for chain backbones: the frozen prefix runs once per image (plus augmented copies); both
-    phases train on its cached outputs, so an epoch costs the top block and head only."""
+    """CPU path for chain backbones: the frozen prefix runs once per image (plus augmented copies), its
+    outputs go to an on-disk cache, and both phases train on them, so an epoch costs the top block and
+    head only and resident memory does not grow with the dataset."""
     k = len(data.classes)
     t = time.perf_counter()
     prefix, suffix = split_linear(parts.base, parts.unfreeze_from or "")
     images = keras.Input(parts.input_shape, dtype="uint8")
-    fx = keras.Model(images, prefix(parts.normalise(images)))
-    fx_aug = keras.Model(images, prefix(parts.normalise(augmentation(cfg.seed)(ToFloat()(images)))))
-    p_tr = [_features(fx, data.x_tr, cfg.batch_size, what="backbone features (train)")]
+    fx = keras.Model(images, prefix(parts.normalise(images)), name="features")
+    models = [fx]
     for copy in range(cfg.augment_copies):
-        p_tr.append(_features(fx_aug, data.x_tr, cfg.batch_size, training=True,
-                              what=f"backbone features (augmented copy {copy + 1})"))
-    p_tr_all = np.concatenate(p_tr)
-    y_tr_all = np.concatenate([_onehot(data.y_tr, k)] * len(p_tr))
-    p_va = _features(fx, data.x_va, cfg.batch_size, what="backbone features (validation)")
-    val_y = _onehot(data.y_va, k)
-    fit.timings["features"] = time.perf_counter() - t
-    f_tr, f_va = _features(suffix, p_tr_all, cfg.batch_size), _features(suffix, p_va, cfg.batch_size)
-    fit(parts.head, cfg.head_learning_rate, (f_tr, y_tr_all), (f_va, val_y), cfg.head_epochs, "head")
-    del f_tr, f_va
-    if cfg.fine_tune_epochs > 0:
-        p_in = keras.Input(p_tr_all.shape[1:])
+        aug = augmentation(cfg.seed + 101 * copy)
+        models.append(keras.Model(images, prefix(parts.normalise(aug(ToFloat()(images)))),
+                                  name=f"features_{copy + 1}_augmented"))
+    with FeatureCache(cfg.cache_dir, cfg.cache_dtype, cfg.keep_cache) as cache:
+        tr, y_tr = _cache_split(cache, "train", data, "train", models, cfg, len(data.source.train))
+        va, y_va = _cache_split(cache, "validation", data, "validation", [fx], cfg, len(data.source.validation))
+        data.y_tr, data.y_va = y_tr, y_va
+        fit.timings["features"] = time.perf_counter() - t
+        per_image = fit.timings["features"] / (len(tr) + len(va))
+        fit.info["cache"] = {"folder": str(cache.root), "bytes": cache.size_bytes(), "dtype": cfg.cache_dtype,
+                             "rows": len(tr) + len(va), "kept": cfg.keep_cache}
+        fit.budget.reserve_s = _reserve_s(per_image, len(data.source.test), cfg)
+        logger.info("features done in %.0f s (%.0f ms an image); %.0f s kept for evaluation and export; %s",
+                    fit.timings["features"], 1000 * per_image, fit.budget.reserve_s, fit.budget.describe())
+
+        # phase 1: the head, on the pooled output of the (still frozen) top block, computed once
+        t = time.perf_counter()
+        to_vector, from_vector = split_head(parts.head)
+        pool = keras.Model(suffix.inputs, to_vector(suffix.outputs[0]))
+        v_tr = _pooled(pool, tr, cfg.batch_size, "pooled features (train)")
+        v_va = _pooled(pool, va, cfg.batch_size, "pooled features (validation)")
+        suffix_s = (time.perf_counter() - t) / (len(tr) + len(va))
+        vec_in = keras.Input(v_tr.shape[1:])
+        head_vec = keras.Model(vec_in, from_vector(vec_in))
+        fit(head_vec, cfg.head_learning_rate, (v_tr, _onehot(y_tr, k)), (v_va, _onehot(y_va, k)),
+            cfg.head_epochs, "head")
+        del v_tr, v_va
+        if cfg.fine_tune_epochs <= 0:
+            return
+        # phase 2: the top block and head on the cached prefix outputs; the budget plans the epochs
+        epoch_s = 3.2 * suffix_s * len(tr) + suffix_s * len(va)  # forward and backward, then validation
+        planned = cfg.fine_tune_epochs
+        batches = None
+        if not math.isinf(fit.budget.left()):
+            fits = fit.budget.left() / epoch_s
+            planned = max(1, min(cfg.fine_tune_epochs, int(fits)))
+            if fits < 1:
+                batches = max(1, int(fits * math.ceil(len(tr) / cfg.batch_size)))
+                if fits < 0.1:
+                    logger.info("fine_tune: skipped, the time budget leaves %.0f s and an epoch takes about %.0f s",
+                                fit.budget.left(), epoch_s)
+                    fit.budget.stopped.append("fine_tune")
+                    return
+        logger.info("fine_tune: about %.0f s an epoch (estimated from the top block's forward pass); %d epochs "
+                    "planned%s; %s", epoch_s, planned, "" if batches is None else f" ({batches} batches)",
+                    fit.budget.describe())
+        p_in = keras.Input(tr.shape[1:])
         tuner = keras.Model(p_in, parts.head(suffix(p_in, training=False)))
-        fit(tuner, cfg.fine_tune_learning_rate, (p_tr_all, y_tr_all), (p_va, val_y), cfg.fine_tune_epochs,
-            "fine_tune")
+        train = CachedBatches(tr, y_tr, k, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                              class_weight=fit.class_weight, max_batches=batches)
+        val = CachedBatches(va, y_va, k, cfg.batch_size, shuffle=False)
+        fit(tuner, cfg.fine_tune_learning_rate, train, val, planned, "fine_tune")
+
+
+def _reserve_s(prefix_s_per_image: float, test_images: int, cfg: TrainConfig) -> float:
+    """Seconds to keep for what follows training: the test split through the whole network (twice, for
+    the flip comparison), export, and the OpenVINO variants (conversion, calibration, three evaluations)."""
+    full = 1.3 * prefix_s_per_image
+    evaluate = 2 * test_images * full
+    variants = 0.0
+    if cfg.variants:
+        variants = 60 + cfg.calibration_images * full + 3 * test_images * full
+    return 1.15 * (evaluate + variants) + 30
 
 
 def fit_end_to_end(parts: Parts, data: Data, fit: Fitter, cfg: TrainConfig) -> None:
@@ -270,11 +467,29 @@ def choose_strategy(cfg: TrainConfig) -> tuple[Any, bool]:
 
 
 def evaluate(serving: keras.Model, data: Data, cfg: TrainConfig) -> tuple[dict[str, Any], np.ndarray]:
-    probs = np.asarray(serving.predict(data.x_te, batch_size=cfg.batch_size, verbose=0))
-    metrics = report.classification_metrics(data.y_te, probs.argmax(axis=1), data.classes)
-    logger.info("test accuracy %.3f, macro F1 %.3f on %d images", metrics["accuracy"], metrics["macro_f1"],
-                len(data.y_te))
-    return metrics, probs
+    """The served model on the test split, a chunk at a time; also the accuracy of the average with the
+    mirror image (flip test-time augmentation) as a comparison, whichever of the two is served."""
+    probs, flipped, labels = [], [], []
+    collect = not data.test_paths
+    for x, y, paths in data.chunks("test"):
+        if collect:
+            data.test_paths.extend(paths)
+        probs.append(np.asarray(serving.predict(x, batch_size=cfg.batch_size, verbose=0)))
+        flipped.append(np.asarray(serving.predict(x[:, :, ::-1], batch_size=cfg.batch_size, verbose=0)))
+        labels.append(y)
+    p, pf, y_te = np.concatenate(probs), np.concatenate(flipped), np.concatenate(labels)
+    data.y_te = y_te
+    if len(y_te) == 0:
+        raise dataset.DatasetError("after skipping undecodable files the test split is empty")
+    metrics = report.classification_metrics(y_te, p.argmax(axis=1), data.classes)
+    metrics["calibration"] = report.calibration(y_te, p)
+    both = 0.5 * (p + pf) if not cfg.flip_tta else p  # a served flip average sees the mirror image already
+    metrics["flip_tta_accuracy"] = float((both.argmax(axis=1) == y_te).mean())
+    metrics["flip_tta_served"] = cfg.flip_tta
+    logger.info("test accuracy %.3f, macro F1 %.3f, ECE %.3f on %d images (with the mirror image averaged in: "
+                "%.3f)", metrics["accuracy"], metrics["macro_f1"], metrics["calibration"]["ece"], len(y_te),
+                metrics["flip_tta_accuracy"])
+    return metrics, p
 
 
 def build_metadata(cfg: TrainConfig, name: str, data: Data, metrics: dict[str, Any], cache: bool) -> ModelMeta:
@@ -303,7 +518,9 @@ def variants_for(version_dir: Path, meta: ModelMeta, cfg: TrainConfig, data: Dat
         return {}, []
     from train.optimize import variant_metadata
 
-    return variant_metadata(version_dir, meta, data.x_tr, data.x_te, data.y_te, cfg.calibration_images, cfg.seed)
+    calibration = data.images("train", cfg.calibration_images, cfg.seed)
+    return variant_metadata(version_dir, meta, calibration, data.test_images(), data.y_te, len(calibration),
+                            cfg.seed)
 
 
 def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data, metrics: dict[str, Any],
@@ -315,18 +532,70 @@ def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data,
         fit.timings["variants"] = time.perf_counter() - t
         rep = tmp / "report"
         rep.mkdir()
+        pred = probs.argmax(axis=1)
         report.plot_history(fit.histories, rep / "history.png")
         report.plot_confusion(metrics["confusion_matrix"], data.classes, rep / "confusion_matrix.png")
-        report.plot_samples(data.x_te, data.y_te, probs.argmax(axis=1), data.classes, rep / "samples.png")
+        report.plot_reliability(metrics["calibration"], rep / "reliability.png")
+        shown = np.arange(min(16, len(pred)))
+        report.plot_samples(_load(data, shown), data.y_te[shown], pred[shown], data.classes, rep / "samples.png")
+        pairs = report.confused_pairs(metrics["confusion_matrix"], data.classes)
+        examples = {(p["true"], p["predicted"]): np.flatnonzero((data.y_te == data.classes.index(p["true"]))
+                                                                & (pred == data.classes.index(p["predicted"])))[:4]
+                    for p in pairs}
+        report.plot_confused_pairs(pairs, {key: _load(data, rows) for key, rows in examples.items()},
+                                   rep / "confused_pairs.png")
+        fit.info["peak_rss_bytes"] = peak_rss_bytes()
+        fit.info["minutes"] = (time.perf_counter() - fit.budget.start) / 60
         report.write_report(rep, {"name": meta.name, "backbone": cfg.backbone, "weights": cfg.weights,
                                   "input": meta.input.model_dump(), "labels": data.classes, "metrics": metrics,
-                                  "history": fit.histories, "timings_s": fit.timings,
+                                  "history": fit.histories, "timings_s": fit.timings, "run": _run_info(cfg, fit),
+                                  "confused_pairs": pairs,
                                   "skipped_files": data.source.skipped, "variants": measured.get("variants", []),
                                   "markdown": variant_lines})
         return measured
 
     cfg.store.mkdir(parents=True, exist_ok=True)
     return store.publish(cfg.store, meta.name, write, meta)
+
+
+def _load(data: Data, rows: np.ndarray) -> np.ndarray:
+    paths = [data.test_paths[int(i)] for i in rows]
+    if data.x_te is not None:
+        return np.asarray(data.x_te[np.asarray(rows, dtype=np.int64)])
+    return dataset.load_split(dataset.Split(paths, [0] * len(paths)), data.size, data.size, [], data.workers)[0]
+
+
+def _run_info(cfg: TrainConfig, fit: Fitter) -> dict[str, Any]:
+    return {"peak_rss_bytes": fit.info.get("peak_rss_bytes"), "minutes": fit.info.get("minutes"),
+            "time_budget_min": cfg.time_budget_min, "stopped_by_budget": fit.budget.stopped,
+            "epochs": fit.info.get("epochs", {}), "cache": fit.info.get("cache"), "precision": cfg.precision,
+            "device": device_description(), "label_smoothing": cfg.label_smoothing,
+            "class_weights": cfg.class_weights, "augment_copies": cfg.augment_copies,
+            "fine_tune_from": cfg.fine_tune_from, "fine_tune_learning_rate": cfg.fine_tune_learning_rate}
+
+
+def set_precision(cfg: TrainConfig) -> str:
+    """Apply --precision and say what runs it: bfloat16 is native only with AVX512_BF16 or AMX (or a GPU)."""
+    if cfg.precision == "float32":
+        keras.mixed_precision.set_global_policy("float32")
+        return "float32"
+    flags = cpu_flags()
+    native = bool(tf.config.list_physical_devices("GPU")) or bool({"avx512_bf16", "amx_bf16"} & flags)
+    if not native:
+        logger.warning("--precision bfloat16 on a CPU without AVX512_BF16 or AMX: TensorFlow emulates it, "
+                       "which is slower than float32 here")
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    return "mixed_bfloat16" + ("" if native else " (emulated)")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def run(cfg: TrainConfig) -> TrainResult:
@@ -337,27 +606,39 @@ def run(cfg: TrainConfig) -> TrainResult:
     name = cfg.name or default_name(cfg.data)
     if not store.is_model_name(name):
         raise ValueError(f"invalid model name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
-    logger.info("training %s (%s, weights %s) on %s", name, cfg.backbone, cfg.weights, device_description())
     t0 = time.perf_counter()
-    data = load_data(cfg)
-    fit = Fitter(cfg, _class_weights(data.y_tr, len(data.classes)))
-    fit.timings["load"] = time.perf_counter() - t0
-
-    input_shape = (cfg.image_size, cfg.image_size, 3)
-    base, normalise = build_backbone(cfg.backbone, input_shape, cfg.weights, batchnorm=cfg.batchnorm)
-    head = build_head(tuple(base.output.shape[1:]), len(data.classes), cfg.dropout)
-    parts = Parts(normalise, base, head, input_shape, cfg.fine_tune_from or BACKBONES[cfg.backbone].unfreeze_from)
+    budget = Budget(cfg.time_budget_min, t0)
+    precision = set_precision(cfg)
     strategy, cache = choose_strategy(cfg)
-    strategy(parts, data, fit, cfg)
+    logger.info("training %s (%s, weights %s) on %s, %s; %s", name, cfg.backbone, cfg.weights,
+                device_description(), precision, budget.describe())
+    try:
+        data = load_data(cfg, decode=not cache)
+        labels = np.asarray(data.source.train.labels) if data.y_tr is None else data.y_tr
+        fit = Fitter(cfg, _class_weights(labels, len(data.classes)) if cfg.class_weights else None, budget)
+        fit.timings["load"] = time.perf_counter() - t0
 
-    serving = assemble(normalise, base, head, input_shape)
-    t = time.perf_counter()
-    metrics, probs = evaluate(serving, data, cfg)
-    fit.timings["evaluate"] = time.perf_counter() - t
-    fit.timings["total"] = time.perf_counter() - t0
-    meta = build_metadata(cfg, name, data, metrics, cache)
-    t = time.perf_counter()
-    final = publish(cfg, meta, serving, data, metrics, probs, fit)
-    fit.timings["export"] = time.perf_counter() - t
-    logger.info("published %s; phase times %s", final, {k2: round(v, 1) for k2, v in fit.timings.items()})
+        input_shape = (cfg.image_size, cfg.image_size, 3)
+        base, normalise = build_backbone(cfg.backbone, input_shape, cfg.weights, batchnorm=cfg.batchnorm)
+        head = build_head(tuple(base.output.shape[1:]), len(data.classes), cfg.dropout)
+        parts = Parts(normalise, base, head, input_shape,
+                      cfg.fine_tune_from or BACKBONES[cfg.backbone].unfreeze_from)
+        strategy(parts, data, fit, cfg)
+
+        serving = assemble(normalise, base, head, input_shape)
+        if cfg.flip_tta:
+            serving = with_flip_average(serving, input_shape)
+        t = time.perf_counter()
+        metrics, probs = evaluate(serving, data, cfg)
+        fit.timings["evaluate"] = time.perf_counter() - t
+        fit.timings["total"] = time.perf_counter() - t0
+        meta = build_metadata(cfg, name, data, metrics, cache)
+        t = time.perf_counter()
+        final = publish(cfg, meta, serving, data, metrics, probs, fit)
+        fit.timings["export"] = time.perf_counter() - t
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    logger.info("published %s in %.1f min (%s); peak RSS %.2f GiB; phase times %s", final,
+                (time.perf_counter() - t0) / 60, budget.describe(), peak_rss_bytes() / 2**30,
+                {k2: round(v, 1) for k2, v in fit.timings.items()})
     return TrainResult(final, metrics, fit.timings, serving, data.test_paths, probs)

@@ -40,6 +40,75 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, labels: list[
     }
 
 
+def calibration(y_true: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error of the top-1 confidence over `bins` equal-width bins, and the bins
+    themselves (count, mean confidence, accuracy) for the reliability diagram."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        n = int(inside.sum())
+        conf = float(confidence[inside].mean()) if n else None
+        acc = float(correct[inside].mean()) if n else None
+        if n:
+            ece += n / len(y_true) * abs(acc - conf)  # type: ignore[operator]
+        rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": n, "confidence": conf,
+                     "accuracy": acc})
+    return {"ece": float(ece), "bins": rows, "mean_confidence": float(confidence.mean()),
+            "accuracy": float(correct.mean())}
+
+
+def confused_pairs(cm: list[list[int]], labels: list[str], count: int = 3) -> list[dict[str, Any]]:
+    """The `count` most frequent (true, predicted) mistakes, with their share of the true class."""
+    arr = np.asarray(cm)
+    off = [(int(arr[i, j]), i, j) for i in range(len(labels)) for j in range(len(labels)) if i != j and arr[i, j]]
+    off.sort(key=lambda t: (-t[0], t[1], t[2]))
+    return [{"true": labels[i], "predicted": labels[j], "count": n, "share_of_true": n / max(int(arr[i].sum()), 1)}
+            for n, i, j in off[:count]]
+
+
+def plot_reliability(cal: dict[str, Any], path: Path) -> None:
+    """Accuracy against confidence per bin (the diagonal is perfect calibration), with the bin counts."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    centres = [(b["low"] + b["high"]) / 2 for b in cal["bins"]]
+    width = cal["bins"][0]["high"] - cal["bins"][0]["low"]
+    acc = [b["accuracy"] or 0.0 for b in cal["bins"]]
+    ax.bar(centres, acc, width=width * 0.9, color="tab:blue", alpha=0.8, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfectly calibrated")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (ECE {cal['ece']:.3f})")
+    ax.legend(fontsize=8, loc="upper left")
+    hist.bar(centres, [b["count"] for b in cal["bins"]], width=width * 0.9, color="tab:gray")
+    hist.set_xlabel("top-1 confidence")
+    hist.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confused_pairs(pairs: list[dict[str, Any]], images: dict[tuple[str, str], np.ndarray], path: Path) -> None:
+    """A row per confused pair: up to four test images of the true class taken for the predicted one."""
+    rows = max(1, len(pairs))
+    fig, axes = plt.subplots(rows, 4, figsize=(4 * 2.4, rows * 2.8), squeeze=False)
+    for r in range(rows):
+        for c in range(4):
+            axes[r][c].axis("off")
+        if r >= len(pairs):
+            axes[r][0].set_title("no mistakes", fontsize=8)
+            continue
+        p = pairs[r]
+        shown = images.get((p["true"], p["predicted"]), np.zeros((0,)))
+        for c in range(min(4, len(shown))):
+            axes[r][c].imshow(shown[c])
+        axes[r][0].set_title(f"{p['true']} -> {p['predicted']} ({p['count']}x)", fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot_history(histories: dict[str, dict[str, list[float]]], path: Path) -> None:
     """Loss and accuracy per epoch for each phase, phases laid end to end."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -121,6 +190,31 @@ def write_report(folder: Path, summary: dict[str, Any]) -> None:
     ]
     for label, row in m["per_class"].items():
         lines.append(f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+    if "flip_tta_accuracy" in m:
+        served = "served" if m.get("flip_tta_served") else "not served; `--flip-tta yes` serves it at twice the cost"
+        lines += ["", f"With the mirror image averaged in (flip test-time augmentation, {served}): accuracy "
+                      f"{m['flip_tta_accuracy']:.3f}."]
+    if "calibration" in m:
+        cal = m["calibration"]
+        lines += ["", f"Calibration: expected calibration error **{cal['ece']:.3f}** over 10 confidence bins "
+                      f"(mean top-1 confidence {cal['mean_confidence']:.3f} against accuracy {cal['accuracy']:.3f})."]
+    pairs = summary.get("confused_pairs") or []
+    if pairs:
+        lines += ["", "Most confused (true -> predicted): " + "; ".join(
+            f"{p['true']} -> {p['predicted']} {p['count']}x ({100 * p['share_of_true']:.0f}% of {p['true']})"
+            for p in pairs) + "."]
+    run = summary.get("run") or {}
+    if run.get("minutes") is not None:
+        budget = run.get("time_budget_min") or 0
+        stopped = run.get("stopped_by_budget") or []
+        lines += ["", f"Run: {run['minutes']:.1f} minutes" + (f" (budget {budget:g}" + (
+            f"; it ended {', '.join(stopped)} early)" if stopped else ")") if budget else "") +
+            f", peak resident memory {run['peak_rss_bytes'] / 2**30:.2f} GiB, {run.get('device')}, "
+            f"{run.get('precision')}; epochs {run.get('epochs')}."]
+        cache = run.get("cache")
+        if cache:
+            lines += ["", f"Feature cache: {cache['rows']} rows of {cache['dtype']}, {cache['bytes'] / 2**20:.0f} "
+                          f"MiB in {cache['folder']} ({'kept' if cache['kept'] else 'removed at the end'})."]
     lines += [
         "",
         f"Skipped files (could not be decoded): {len(summary['skipped_files'])}.",
@@ -130,6 +224,10 @@ def write_report(folder: Path, summary: dict[str, Any]) -> None:
         "![training curves](history.png)",
         "",
         "![confusion matrix](confusion_matrix.png)",
+        "",
+        "![reliability diagram](reliability.png)",
+        "",
+        "![most confused pairs](confused_pairs.png)",
         "",
         "![sample predictions](samples.png)",
         "",
