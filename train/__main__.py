@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -79,6 +80,10 @@ def _optimize(argv: list[str]) -> int:
     return 0
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -89,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["optimize"]:
         return _optimize(argv[1:])
     args = _parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the feature cache and an unfinished version are removed
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
     from train.config import from_arguments
     from train.data import DatasetError
     from train.model import WeightsUnavailable
@@ -101,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, WeightsUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was published, and the feature cache was removed", file=sys.stderr)
+        return 130
     m = result.metrics
     print(f"published {result.version_dir}: accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}")
     return 0

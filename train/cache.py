@@ -3,15 +3,20 @@ in batches, so a run's resident memory does not grow with its dataset.
 
 Layout: one folder per run, `imgserve-features-<pid>-<random>/`, under `--cache-dir` (default: the
 system temp folder). Each array is `NAME.bin` (rows, C order, no header) beside `NAME.json` (shape and
-dtype). An array is written to `NAME.bin.partial` and renamed only when complete, so a reader never
-sees half an array; the folder is removed when the run ends, ends with an error or is interrupted,
-unless the run is asked to keep it. A folder left by a run that was killed outright (its pid is gone)
-is removed by the next run that uses the same parent folder.
+dtype) and its labels `NAME.labels.npy`. An array is written to `NAME.bin.partial` and renamed only when
+complete, so a reader never sees half an array; the folder is removed when the run ends, ends with an
+error or is interrupted, unless the run is asked to keep it. A folder left by a run that was killed
+outright (its pid is gone) is removed by the next run that uses the same parent folder.
+
+A kept cache is renamed `imgserve-features-kept-<key>/`, where the key hashes everything the features
+depend on (dataset content, backbone, weights, cut, image size, copies, seed, dtype); a later run with
+the same key reads it instead of running the backbone again, which makes trying recipes cheap.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +69,7 @@ class ArrayWriter:
     `NAME.json`. Used as a context manager, an exception removes the partial file instead."""
 
     def __init__(self, folder: Path, name: str, row_shape: tuple[int, ...], dtype: str) -> None:
+        self.folder, self.name = folder, name
         self.path = folder / f"{name}.bin"
         self.partial = self.path.with_suffix(".bin.partial")
         self.row_shape, self.dtype = tuple(int(d) for d in row_shape), dtype
@@ -76,8 +82,12 @@ class ArrayWriter:
         self._fh.write(np.ascontiguousarray(rows, dtype=DTYPES[self.dtype]).tobytes())
         self.rows += len(rows)
 
-    def close(self) -> CachedArray:
+    def close(self, labels: np.ndarray | None = None) -> CachedArray:
         self._fh.close()
+        if labels is not None:
+            if len(labels) != self.rows:
+                raise ValueError(f"{len(labels)} labels for {self.rows} rows")
+            np.save(self.folder / f"{self.name}.labels.npy", np.asarray(labels, np.int64))
         meta = {"shape": [self.rows, *self.row_shape], "dtype": self.dtype}
         self.path.with_suffix(".json").write_text(json.dumps(meta))
         os.replace(self.partial, self.path)
@@ -114,6 +124,9 @@ class CachedArray:
     def __len__(self) -> int:
         return int(self.shape[0])
 
+    def labels(self) -> np.ndarray:
+        return np.load(self.path.with_name(self.path.stem + ".labels.npy"))
+
     @property
     def nbytes(self) -> int:
         return self.shape[0] * self._row_bytes
@@ -149,19 +162,33 @@ class CachedArray:
 
 
 class FeatureCache:
-    """One run's cache folder (a context manager: removed on exit unless `keep`)."""
+    """One run's cache folder (a context manager: removed on exit unless `keep`). With a `key`, a cache
+    kept by an earlier run with the same key is reused (`reused`, `open(name)`)."""
 
-    def __init__(self, parent: Path | None, dtype: str = "float16", keep: bool = False) -> None:
+    def __init__(self, parent: Path | None, dtype: str = "float16", keep: bool = False,
+                 key: dict[str, Any] | None = None) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"cache dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale(parent)
-        self.root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent))
         self.dtype, self.keep = dtype, keep
         self.arrays: dict[str, CachedArray] = {}
+        digest = hashlib.sha256(json.dumps({**(key or {}), "dtype": dtype}, sort_keys=True).encode()).hexdigest()
+        self.kept_as = parent / f"{PREFIX}kept-{digest[:16]}" if key is not None else None
+        self.reused = self.kept_as is not None and (self.kept_as / "complete").is_file()
+        if self.reused:
+            assert self.kept_as is not None
+            self.root = self.kept_as
+            logger.info("feature cache: reusing %s (%.1f MiB, kept by an earlier run with the same data and "
+                        "settings)", self.root, self.size_bytes() / 2**20)
+            return
+        self.root = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent))
         logger.info("feature cache: %s (%s rows; %s when the run ends)", self.root, dtype,
                     "kept" if keep else "removed")
+
+    def open(self, name: str) -> CachedArray:
+        return self.add(name, CachedArray(self.root / f"{name}.bin"))
 
     def writer(self, name: str, row_shape: tuple[int, ...]) -> ArrayWriter:
         return ArrayWriter(self.root, name, row_shape, self.dtype)
@@ -176,11 +203,18 @@ class FeatureCache:
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.root.iterdir() if f.is_file())
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
         for a in self.arrays.values():
             a.close()
         size = self.size_bytes() if self.root.is_dir() else 0
-        if self.keep:
+        if self.reused:
+            logger.info("feature cache left as it was: %s (%.1f MiB)", self.root, size / 2**20)
+        elif self.keep and complete:
+            (self.root / "complete").write_text("")
+            if self.kept_as is not None:
+                shutil.rmtree(self.kept_as, ignore_errors=True)
+                os.replace(self.root, self.kept_as)
+                self.root = self.kept_as
             logger.info("feature cache kept: %s (%.1f MiB)", self.root, size / 2**20)
         else:
             shutil.rmtree(self.root, ignore_errors=True)
@@ -190,7 +224,7 @@ class FeatureCache:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
+        self.close(complete=kind is None)
 
 
 class CachedBatches(keras.utils.PyDataset):

@@ -52,11 +52,12 @@ class TrainConfig:
                                   "folder)")
     cache_dtype: str = _opt("float16", "dtype of the cached features", choices=("float16", "bfloat16",
                                                                                  "float32"))
-    keep_cache: bool = _opt(False, "keep the feature cache folder when the run ends")
+    keep_cache: bool = _opt(False, "keep the feature cache folder when the run ends, and reuse one kept by an "
+                            "earlier run on the same data with the same backbone settings")
     dropout: float = _opt(0.3, "dropout before the softmax layer")
     patience: int = _opt(3, "early stopping patience on validation loss (epochs); the best epoch's weights are "
                          "kept")
-    augment_copies: int = _opt(1, "with cached features: augmented copies of the training set added to the "
+    augment_copies: int = _opt(0, "with cached features: augmented copies of the training set added to the "
                                "originals")
     cache_features: bool | None = _opt(None, "train on cached backbone outputs (default: yes for a chain-shaped "
                                        "pretrained backbone such as VGG16 on a CPU)")

@@ -149,11 +149,13 @@ class BudgetStop(keras.callbacks.Callback):
     """Ends a phase when its next epoch would not fit the budget, and logs each epoch's time, the
     epochs planned and an ETA for the whole run (the epochs still planned plus the reserve)."""
 
-    def __init__(self, budget: Budget, phase: str, planned: int) -> None:
+    def __init__(self, budget: Budget, phase: str, planned: int, share: float = 1.0) -> None:
         super().__init__()
         self.budget, self.phase, self.planned = budget, phase, planned
         self.longest = 0.0
         self.t = 0.0
+        # a phase followed by another may spend only `share` of the training time left when it starts
+        self.phase_end = time.perf_counter() + share * budget.left() if share < 1 else math.inf
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         self.t = time.perf_counter()
@@ -161,7 +163,7 @@ class BudgetStop(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         took = time.perf_counter() - self.t
         self.longest = max(self.longest, took)
-        left = self.budget.left()
+        left = min(self.budget.left(), self.phase_end - time.perf_counter())
         fits = self.planned - epoch - 1 if math.isinf(left) else min(self.planned - epoch - 1,
                                                                     int(left // self.longest))
         eta = max(0, fits) * self.longest + self.budget.reserve_s
@@ -286,12 +288,14 @@ class Fitter:
     def loss(self) -> keras.losses.Loss:
         return keras.losses.CategoricalCrossentropy(label_smoothing=self.cfg.label_smoothing)
 
-    def __call__(self, model: keras.Model, lr: float, train: Any, val: Any, epochs: int, phase: str) -> None:
-        """`train` and `val` are (x, one-hot y) array pairs or PyDatasets (which carry their own weights)."""
+    def __call__(self, model: keras.Model, lr: float, train: Any, val: Any, epochs: int, phase: str,
+                 share: float = 1.0) -> None:
+        """`train` and `val` are (x, one-hot y) array pairs or PyDatasets (which carry their own weights);
+        `share`: the part of the budget's training time left that this phase may use."""
         model.compile(optimizer=keras.optimizers.Adam(lr), loss=self.loss(), metrics=["accuracy"])
         t = time.perf_counter()
         logger.info("phase %s: %d epochs at most, learning rate %g, %s", phase, epochs, lr, self.budget.describe())
-        stop = BudgetStop(self.budget, phase, epochs)
+        stop = BudgetStop(self.budget, phase, epochs, share)
         callbacks = [*_callbacks(self.cfg.patience), stop]
         if isinstance(train, tuple):
             h = model.fit(*train, validation_data=val, epochs=epochs, batch_size=self.cfg.batch_size,
@@ -342,7 +346,8 @@ def _cache_split(cache: FeatureCache, name: str, data: Data, split: str, models:
                 progress.update(done)
         if writer is None:
             raise dataset.DatasetError(f"after skipping undecodable files the {split} split is empty")
-        return cache.add(name, writer.close()), np.concatenate(labels)
+        y = np.concatenate(labels)
+        return cache.add(name, writer.close(y)), y
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -373,14 +378,26 @@ def fit_on_cached_features(parts: Parts, data: Data, fit: Fitter, cfg: TrainConf
         aug = augmentation(cfg.seed + 101 * copy)
         models.append(keras.Model(images, prefix(parts.normalise(aug(ToFloat()(images)))),
                                   name=f"features_{copy + 1}_augmented"))
-    with FeatureCache(cfg.cache_dir, cfg.cache_dtype, cfg.keep_cache) as cache:
-        tr, y_tr = _cache_split(cache, "train", data, "train", models, cfg, len(data.source.train))
-        va, y_va = _cache_split(cache, "validation", data, "validation", [fx], cfg, len(data.source.validation))
+    key = None
+    if cfg.keep_cache:  # what the features depend on: a later run with the same key reuses them
+        key = {"data": data.source.content_hash(), "backbone": cfg.backbone, "weights": cfg.weights,
+               "cut": parts.unfreeze_from, "size": cfg.image_size, "copies": cfg.augment_copies, "seed": cfg.seed,
+               "max_per_class": cfg.max_per_class}
+    with FeatureCache(cfg.cache_dir, cfg.cache_dtype, cfg.keep_cache, key) as cache:
+        if cache.reused:
+            tr, va = cache.open("train"), cache.open("validation")
+            y_tr, y_va = tr.labels(), va.labels()
+        else:
+            tr, y_tr = _cache_split(cache, "train", data, "train", models, cfg, len(data.source.train))
+            va, y_va = _cache_split(cache, "validation", data, "validation", [fx], cfg, len(data.source.validation))
         data.y_tr, data.y_va = y_tr, y_va
         fit.timings["features"] = time.perf_counter() - t
         per_image = fit.timings["features"] / (len(tr) + len(va))
-        fit.info["cache"] = {"folder": str(cache.root), "bytes": cache.size_bytes(), "dtype": cfg.cache_dtype,
-                             "rows": len(tr) + len(va), "kept": cfg.keep_cache}
+        if cache.reused:  # nothing was measured: assume this CPU's order of magnitude for VGG16
+            per_image = 0.25 * (cfg.image_size / 224) ** 2
+        fit.info["cache"] = {"folder": str(cache.kept_as or cache.root), "bytes": cache.size_bytes(),
+                             "dtype": cfg.cache_dtype, "rows": len(tr) + len(va), "kept": cfg.keep_cache,
+                             "reused": cache.reused}
         fit.budget.reserve_s = _reserve_s(per_image, len(data.source.test), cfg)
         logger.info("features done in %.0f s (%.0f ms an image); %.0f s kept for evaluation and export; %s",
                     fit.timings["features"], 1000 * per_image, fit.budget.reserve_s, fit.budget.describe())
@@ -395,7 +412,7 @@ def fit_on_cached_features(parts: Parts, data: Data, fit: Fitter, cfg: TrainConf
         vec_in = keras.Input(v_tr.shape[1:])
         head_vec = keras.Model(vec_in, from_vector(vec_in))
         fit(head_vec, cfg.head_learning_rate, (v_tr, _onehot(y_tr, k)), (v_va, _onehot(y_va, k)),
-            cfg.head_epochs, "head")
+            cfg.head_epochs, "head", share=0.15 if cfg.fine_tune_epochs > 0 else 1.0)
         del v_tr, v_va
         if cfg.fine_tune_epochs <= 0:
             return
