@@ -158,7 +158,8 @@ def build_head(feature_shape: tuple[int, ...], num_classes: int, dropout: float)
     x = layers.GlobalAveragePooling2D()(inputs)
     x = layers.BatchNormalization(name="head_bn")(x)
     x = layers.Dropout(dropout)(x)
-    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    # float32 even under a mixed-precision policy: the served signature returns float32 probabilities
+    outputs = layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="head")
 
 

@@ -96,3 +96,24 @@ def test_imagenet_offline_fails_with_a_clear_message(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr("keras.src.utils.file_utils.get_file", offline)
     with pytest.raises(WeightsUnavailable, match="offline"):
         build_backbone("vgg16", (32, 32, 3), "imagenet")
+
+
+@pytest.mark.slow
+def test_bfloat16_training_serves_float32_probabilities(tmp_path: Path, clothing: Path) -> None:
+    result = run(TrainConfig(data=clothing, store=tmp_path, name="bf16", backbone="vgg16", weights="none",
+                             image_size=32, max_per_class=3, head_epochs=1, fine_tune_epochs=1, batch_size=8,
+                             workers=2, precision="bfloat16", variants=False))
+    meta = json.loads((result.version_dir / "model.json").read_text())
+    assert meta["training"]["precision"] == "bfloat16"
+    report = json.loads((result.version_dir / "report" / "metrics.json").read_text())
+    assert report["run"]["precision"] == "bfloat16"
+    images = np.stack([load_image(p, 32, 32) for p in result.test_paths])
+    probs = SavedModelClassifier(result.version_dir).predict(images)
+    assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-2)
+    assert keras_policy() == "float32"  # the run put the global policy back
+
+
+def keras_policy() -> str:
+    import keras
+
+    return str(keras.mixed_precision.global_policy().name)
