@@ -39,8 +39,8 @@ def fma_gflops(n: int = 2048, seconds: float = 3.0) -> float:
 
 
 def peak_gops(runs: int = 3) -> dict[str, float]:
-    """GFLOP/s (fp32, bf16) and GOP/s (int8) of this CPU on all cores, best of `runs`; {} without gcc or
-    AVX-512 (each precision appears only when the CPU has its instruction)."""
+    """GFLOP/s (fp32, bf16) and GOP/s (int8) of this CPU on all cores, best of `runs`; {} without gcc
+    (each precision appears only when the CPU has its instruction; fp32 falls back to AVX2 FMA)."""
     gcc = shutil.which("gcc")
     if gcc is None:
         return {}
@@ -65,4 +65,5 @@ def flop_ceiling() -> dict[str, object]:
     peaks = peak_gops()
     return {"vgg16_gflop_per_image": gflop, "measured_gflops": matmul, "vgg16_images_per_s_ceiling": matmul / gflop,
             "peak_gops": peaks, "vgg16_images_per_s_at_peak": {k: v / gflop for k, v in peaks.items()},
-            "peak_method": "bench/peak.c: AVX-512 vfmadd231ps / vdpbf16ps / vpdpbusd chains on every core"}
+            "peak_method": "bench/peak.c: AVX-512 vfmadd231ps / vdpbf16ps / vpdpbusd chains on every core "
+            "(AVX2 vfmadd231ps for fp32 on CPUs without AVX-512)"}
