@@ -197,3 +197,17 @@ def subset(split: Split, count: int, seed: int) -> Split:
     """A seeded sample of at most `count` images of a split, in the split's order."""
     pick = sorted(np.random.default_rng(seed).permutation(len(split))[:count].tolist())
     return Split([split.paths[i] for i in pick], [split.labels[i] for i in pick])
+
+
+class LazyImages:
+    """A split's images as a sliceable sequence, decoded a slice at a time (nothing kept)."""
+
+    def __init__(self, paths: list[Path], height: int, width: int, workers: int = 4) -> None:
+        self.paths, self.height, self.width, self.workers = paths, height, width, workers
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, part: slice) -> np.ndarray:
+        sub = self.paths[part]
+        return load_split(Split(sub, [0] * len(sub)), self.height, self.width, [], self.workers)[0]

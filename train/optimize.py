@@ -65,8 +65,10 @@ def write_ir(version_dir: Path, calibration: np.ndarray) -> None:
 
 
 def make_variants(version_dir: Path, meta: ModelMeta, calibration: np.ndarray, x_test: np.ndarray,
-                  y_test: np.ndarray) -> tuple[list[Variant], dict[str, Any]]:
-    """Write and evaluate the variants; returns them and the SavedModel's own figures for comparison."""
+                  y_test: np.ndarray, reference: np.ndarray | None = None) -> tuple[list[Variant], dict[str, Any]]:
+    """Write and evaluate the variants; returns them and the SavedModel's own figures for comparison.
+    `x_test` may be any sliceable sequence of images (decoded a batch at a time); `reference`: the
+    exported model's answers on it when the caller has them already."""
     from service.runtimes.openvino import OpenVINORuntime
     from service.runtimes.tensorflow import SavedModelRuntime
     from service.store import savedmodel_digest
@@ -75,7 +77,8 @@ def make_variants(version_dir: Path, meta: ModelMeta, calibration: np.ndarray, x
     digest = savedmodel_digest(version_dir)
     size = (meta.input.height, meta.input.width)
     saved = SavedModelRuntime(version_dir, meta)
-    reference = predict_all(saved.predict, x_test)
+    if reference is None:
+        reference = predict_all(saved.predict, x_test)
     baseline = {"runtime": "tensorflow", "precision": "fp32", "accuracy": float(np.mean(reference.argmax(1) == y_test)),
                 "images_per_s": images_per_s(saved.predict, size)}
     candidates = [Variant(runtime="openvino", precision="fp32", path=FP32_PATH, source_sha256=digest),
@@ -98,11 +101,12 @@ def make_variants(version_dir: Path, meta: ModelMeta, calibration: np.ndarray, x
 
 
 def variant_metadata(version_dir: Path, meta: ModelMeta, x_train: np.ndarray, x_test: np.ndarray,
-                     y_test: np.ndarray, calibration_images: int, seed: int) -> tuple[dict[str, Any], list[str]]:
+                     y_test: np.ndarray, calibration_images: int, seed: int,
+                     reference: np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
     """Make and evaluate the variants (calibrated on a seeded sample of `x_train`): what goes into
     model.json, and the report's lines about them."""
     pick = np.sort(np.random.default_rng(seed).permutation(len(x_train))[:calibration_images])
-    variants, baseline = make_variants(version_dir, meta, x_train[pick], x_test, y_test)
+    variants, baseline = make_variants(version_dir, meta, x_train[pick], x_test, y_test, reference)
     measured = {"variants": [v.model_dump(mode="json", exclude_none=True) for v in variants],
                 "metrics": {**meta.metrics, "images_per_s": baseline["images_per_s"]}}
     return measured, report_lines(variants, baseline)

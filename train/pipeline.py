@@ -244,11 +244,11 @@ class Data:
         sample = dataset.subset(getattr(self.source, split), count, seed)
         return dataset.load_split(sample, self.size, self.size, [], self.workers)[0]
 
-    def test_images(self) -> np.ndarray:
-        if self.x_te is None:
-            self.x_te = dataset.load_split(dataset.Split(self.test_paths, [0] * len(self.test_paths)), self.size,
-                                           self.size, [], self.workers)[0]
-        return self.x_te
+    def test_images(self) -> Any:
+        """The test images: the decoded array, or a sequence that decodes a slice at a time."""
+        if self.x_te is not None:
+            return self.x_te
+        return dataset.LazyImages(self.test_paths, self.size, self.size, self.workers)
 
 
 def load_data(cfg: TrainConfig, decode: bool = True) -> Data:
@@ -448,7 +448,7 @@ def _reserve_s(prefix_s_per_image: float, test_images: int, cfg: TrainConfig) ->
     evaluate = 2 * test_images * full
     variants = 0.0
     if cfg.variants:
-        variants = 60 + cfg.calibration_images * full + 3 * test_images * full
+        variants = 60 + cfg.calibration_images * full + 2 * test_images * full
     return 1.15 * (evaluate + variants) + 30
 
 
@@ -524,8 +524,8 @@ def build_metadata(cfg: TrainConfig, name: str, data: Data, metrics: dict[str, A
     )
 
 
-def variants_for(version_dir: Path, meta: ModelMeta, cfg: TrainConfig, data: Data) -> tuple[dict[str, Any],
-                                                                                             list[str]]:
+def variants_for(version_dir: Path, meta: ModelMeta, cfg: TrainConfig, data: Data,
+                 reference: np.ndarray | None = None) -> tuple[dict[str, Any], list[str]]:
     """The optimized variants, written into the version folder before model.json, and the report's lines
     about them; nothing when switched off or not installed."""
     if not cfg.variants:
@@ -537,7 +537,7 @@ def variants_for(version_dir: Path, meta: ModelMeta, cfg: TrainConfig, data: Dat
 
     calibration = data.images("train", cfg.calibration_images, cfg.seed)
     return variant_metadata(version_dir, meta, calibration, data.test_images(), data.y_te, len(calibration),
-                            cfg.seed)
+                            cfg.seed, reference)
 
 
 def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data, metrics: dict[str, Any],
@@ -545,7 +545,7 @@ def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data,
     def write(tmp: Path) -> dict[str, Any]:
         export_saved_model(serving, tmp, cfg.image_size, cfg.image_size)
         t = time.perf_counter()
-        measured, variant_lines = variants_for(tmp, meta, cfg, data)
+        measured, variant_lines = variants_for(tmp, meta, cfg, data, probs)  # probs: the exported model's
         fit.timings["variants"] = time.perf_counter() - t
         rep = tmp / "report"
         rep.mkdir()
