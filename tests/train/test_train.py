@@ -117,3 +117,21 @@ def keras_policy() -> str:
     import keras
 
     return str(keras.mixed_precision.global_policy().name)
+
+
+@pytest.mark.slow
+def test_flip_tta_is_served_when_asked(tmp_path: Path, clothing: Path) -> None:
+    """The served graph averages an image with its mirror image, so mirrored inputs get the same answer."""
+    result = run(TrainConfig(data=clothing, store=tmp_path, name="tta", backbone="vgg16", weights="none",
+                             image_size=32, max_per_class=3, head_epochs=1, fine_tune_epochs=1, batch_size=8,
+                             workers=2, flip_tta=True, variants=False))
+    images = np.stack([load_image(p, 32, 32) for p in result.test_paths])
+    clf = SavedModelClassifier(result.version_dir)
+    np.testing.assert_allclose(clf.predict(images), clf.predict(images[:, :, ::-1].copy()), atol=1e-5)
+    np.testing.assert_allclose(clf.predict(images), result.test_probabilities, atol=1e-5)
+    rep = json.loads((result.version_dir / "report" / "metrics.json").read_text())
+    assert rep["metrics"]["flip_tta_served"] is True
+    assert rep["metrics"]["flip_tta_accuracy"] == pytest.approx(rep["metrics"]["accuracy"])
+    assert 0 <= rep["metrics"]["calibration"]["ece"] <= 1
+    for f in ("reliability.png", "confused_pairs.png"):
+        assert (result.version_dir / "report" / f).stat().st_size > 0
