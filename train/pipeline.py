@@ -145,6 +145,7 @@ class Budget:
         self.start = start
         self.deadline = start + minutes * 60 if minutes > 0 else math.inf
         self.reserve_s = 0.0
+        self.later_s = 0.0  # the phases planned after the running one (for the ETA)
         self.stopped: list[str] = []
 
     def left(self) -> float:
@@ -181,7 +182,7 @@ class BudgetStop(keras.callbacks.Callback):
         left = phase_left if not math.isinf(self.phase_end) else self.budget.left()
         fits = self.planned - epoch - 1 if math.isinf(left) else min(self.planned - epoch - 1,
                                                                     int(left // self.longest))
-        eta = max(0, fits) * self.longest + self.budget.reserve_s
+        eta = max(0, fits) * self.longest + self.budget.later_s + self.budget.reserve_s
         logger.info("%s epoch %d/%d: %.0f s; %d more fit; the run ends in about %.1f min (%s); peak RSS %.2f GiB",
                     self.phase, epoch + 1, self.planned, took, max(0, fits), eta / 60, self.budget.describe(),
                     peak_rss_bytes() / 2**30)
@@ -434,13 +435,16 @@ def fit_on_cached_features(parts: Parts, data: Data, fit: Fitter, cfg: TrainConf
         suffix_s = (time.perf_counter() - t) / (len(tr) + len(va))
         vec_in = keras.Input(v_tr.shape[1:])
         head_vec = keras.Model(vec_in, from_vector(vec_in))
+        epoch_s = 3.2 * suffix_s * len(tr) + suffix_s * len(va)  # phase 2: forward and backward, then validation
+        if cfg.fine_tune_epochs > 0:  # what the ETA of phase 1 must count: phase 2 fills the budget or its epochs
+            fit.budget.later_s = min(cfg.fine_tune_epochs * epoch_s, max(0.0, 0.85 * fit.budget.left()))
         fit(head_vec, cfg.head_learning_rate, (v_tr, _onehot(y_tr, k)), (v_va, _onehot(y_va, k)),
             cfg.head_epochs, "head", share=0.15 if cfg.fine_tune_epochs > 0 else 1.0)
         del v_tr, v_va
+        fit.budget.later_s = 0.0
         if cfg.fine_tune_epochs <= 0:
             return
         # phase 2: the top block and head on the cached prefix outputs; the budget plans the epochs
-        epoch_s = 3.2 * suffix_s * len(tr) + suffix_s * len(va)  # forward and backward, then validation
         planned = cfg.fine_tune_epochs
         batches = None
         if not math.isinf(fit.budget.left()):
