@@ -300,6 +300,7 @@ class Fitter:
     histories: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    best_val_loss: float = math.inf  # the best validation loss of the phases so far
 
     def loss(self) -> keras.losses.Loss:
         return keras.losses.CategoricalCrossentropy(label_smoothing=self.cfg.label_smoothing)
@@ -309,6 +310,7 @@ class Fitter:
         """`train` and `val` are (x, one-hot y) array pairs or PyDatasets (which carry their own weights);
         `share`: the part of the budget's training time left that this phase may use."""
         model.compile(optimizer=keras.optimizers.Adam(lr), loss=self.loss(), metrics=["accuracy"])
+        before = model.get_weights() if math.isfinite(self.best_val_loss) else None
         t = time.perf_counter()
         logger.info("phase %s: %d epochs at most, learning rate %g, %s", phase, epochs, lr, self.budget.describe())
         stop = BudgetStop(self.budget, phase, epochs, share)
@@ -319,6 +321,14 @@ class Fitter:
         else:
             h = model.fit(train, validation_data=val, epochs=epochs, callbacks=callbacks, verbose=_verbose())
         self.histories[phase] = {key: [float(v) for v in vals] for key, vals in h.history.items()}
+        best = min([v for v in self.histories[phase].get("val_loss", []) if math.isfinite(v)] or [math.inf])
+        if before is not None and best > self.best_val_loss:
+            # no epoch of this phase beat the phase before it: keep what that phase had made
+            model.set_weights(before)
+            self.info.setdefault("undone", []).append(phase)
+            logger.info("%s: best validation loss %.4f is worse than the %.4f before it; its weights are undone",
+                        phase, best, self.best_val_loss)
+        self.best_val_loss = min(self.best_val_loss, best)
         self.timings[phase] = time.perf_counter() - t
         self.info.setdefault("epochs", {})[phase] = len(h.history.get("loss", []))
 
@@ -616,7 +626,8 @@ def _load(data: Data, rows: np.ndarray) -> np.ndarray:
 def _run_info(cfg: TrainConfig, fit: Fitter) -> dict[str, Any]:
     return {"peak_rss_bytes": fit.info.get("peak_rss_bytes"), "minutes": fit.info.get("minutes"),
             "time_budget_min": cfg.time_budget_min, "stopped_by_budget": fit.budget.stopped,
-            "epochs": fit.info.get("epochs", {}), "cache": fit.info.get("cache"), "precision": cfg.precision,
+            "epochs": fit.info.get("epochs", {}), "undone": fit.info.get("undone", []),
+            "cache": fit.info.get("cache"), "precision": cfg.precision,
             "device": device_description(), "label_smoothing": cfg.label_smoothing,
             "class_weights": cfg.class_weights, "augment_copies": cfg.augment_copies,
             "fine_tune_from": cfg.fine_tune_from, "fine_tune_learning_rate": cfg.fine_tune_learning_rate}

@@ -214,7 +214,8 @@ def write_report(folder: Path, summary: dict[str, Any]) -> None:
         cache = run.get("cache")
         if cache:
             lines += ["", f"Feature cache: {cache['rows']} rows of {cache['dtype']}, {cache['bytes'] / 2**20:.0f} "
-                          f"MiB in {cache['folder']} ({'kept' if cache['kept'] else 'removed at the end'})."]
+                          f"MiB in {cache['folder']} ({'reused, ' if cache.get('reused') else ''}"
+                          f"{'kept' if cache['kept'] else 'removed at the end'})."]
     lines += [
         "",
         f"Skipped files (could not be decoded): {len(summary['skipped_files'])}.",

@@ -135,3 +135,17 @@ def test_flip_tta_is_served_when_asked(tmp_path: Path, clothing: Path) -> None:
     assert 0 <= rep["metrics"]["calibration"]["ece"] <= 1
     for f in ("reliability.png", "confused_pairs.png"):
         assert (result.version_dir / "report" / f).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_fine_tune_that_only_hurts_is_undone(tmp_path: Path, clothing: Path) -> None:
+    """A learning rate far too high wrecks the top block: no fine-tune epoch beats the head's validation
+    loss, so the published model is the head's, not the wreck."""
+    result = run(TrainConfig(data=clothing, store=tmp_path, name="undo", backbone="vgg16", weights="none",
+                             image_size=32, max_per_class=6, head_epochs=3, fine_tune_epochs=2, batch_size=8,
+                             workers=2, fine_tune_learning_rate=50.0, variants=False))
+    rep = json.loads((result.version_dir / "report" / "metrics.json").read_text())
+    assert rep["run"]["undone"] == ["fine_tune"], rep["history"]
+    finite = [v for v in rep["history"]["fine_tune"]["val_loss"] if np.isfinite(v)]
+    assert not finite or min(finite) > min(rep["history"]["head"]["val_loss"])
+    assert np.isfinite(result.test_probabilities).all()
