@@ -32,7 +32,9 @@ def _demo(argv: list[str]) -> int:
     p.add_argument("--store", type=Path, default=Path(os.environ.get("IMGSERVE_MODEL_STORE", "model_store")))
     p.add_argument("--per-class", type=int, default=150)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=30, help="epochs at most")
+    p.add_argument("--time-budget-min", type=float, default=1.25,
+                   help="training stops so the demo ends in about this much more time (0: no budget)")
     p.add_argument("--if-missing", action="store_true", help="do nothing when the demo model already exists")
     args = p.parse_args(argv)
     from service import store
@@ -49,6 +51,7 @@ def _demo(argv: list[str]) -> int:
         result = run(TrainConfig(
             data=root, store=args.store, name=DEMO_NAME, backbone="cnn", weights="none",
             image_size=args.image_size, head_epochs=args.epochs, patience=6, batch_size=32,
+            time_budget_min=args.time_budget_min,
             extra_metadata={"demo": True, "description": "Demo model trained on synthetic shapes"},
         ))
     print(f"published {result.version_dir} (test accuracy {result.metrics['accuracy']:.3f})")
