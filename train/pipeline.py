@@ -210,17 +210,6 @@ class Progress:
                     rate, eta, peak_rss_bytes() / 2**30)
 
 
-def _features(model: keras.Model, x: np.ndarray, batch_size: int, training: bool = False,
-              what: str = "features") -> np.ndarray:
-    """Run `model` over `x` in batches; with training=True random augmentation layers are active."""
-    progress = Progress(what, len(x))
-    out = []
-    for i in range(0, len(x), batch_size):
-        out.append(np.asarray(model(x[i : i + batch_size], training=training)))
-        progress.update(min(i + batch_size, len(x)))
-    return np.concatenate(out)
-
-
 @dataclass
 class Data:
     """The dataset's splits; the pixel arrays are decoded up front only for the strategies that train on
