@@ -110,7 +110,7 @@ class Board:
 
     @staticmethod
     def _problem(index: int, state: WorkerState | None) -> str | None:
-        if state is None or not _alive(state.pid):
+        if state is None or not pid_alive(state.pid):
             return "starting"
         if time.time() - state.posted > STALE_S:
             return f"has not answered for {time.time() - state.posted:.0f} s"
@@ -121,7 +121,8 @@ class Board:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

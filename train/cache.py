@@ -31,20 +31,12 @@ import keras
 import ml_dtypes
 import numpy as np
 
+from service.workers import pid_alive
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "imgserve-features-"
 DTYPES: dict[str, Any] = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_stale(parent: Path) -> list[Path]:
@@ -55,7 +47,7 @@ def remove_stale(parent: Path) -> list[Path]:
             pid = int(d.name[len(PREFIX):].split("-")[0])
         except ValueError:
             continue
-        if d.is_dir() and pid != os.getpid() and not _pid_alive(pid):
+        if d.is_dir() and pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     if removed:
