@@ -8,6 +8,11 @@ would idle, so it closes at once (reason `idle`). Rows whose
 caller went away (future cancelled) or whose deadline passed are dropped before they cost compute;
 a batch that raises is split in halves and retried so that only the failing rows err.
 
+With `inline_max_s`, a lone row that finds the batcher idle (nothing queued, running or on its way)
+is run at once on the caller's thread by `run_inline` when the model's batch of one has taken at
+most that long: for a cheap model the hand-off to the model thread and back costs about as much as
+the model, and nothing could have joined the batch (reason `inline`).
+
 `batches_in_flight` batches may run at once (each in its own executor thread). With 2, the next
 batch is formed and started while one runs: on a GPU that overlaps host work and transfers with
 compute; on a CPU it keeps the shared intra-op thread pool busy while one call waits on a straggler.
@@ -103,6 +108,8 @@ class Batcher(Generic[T, R]):
         name: str = "batcher",
         flush_when_idle: bool = False,
         batches_in_flight: int = 1,
+        inline_max_s: float = 0.0,
+        single_run_s: float | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue_rows < 1 or max_delay_s < 0 or batches_in_flight < 1:
             raise ValueError("max_batch_size, max_queue_rows and batches_in_flight must be >= 1 and "
@@ -124,6 +131,8 @@ class Batcher(Generic[T, R]):
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.running_rows = 0
+        self.inline_max_s = inline_max_s
+        self.single_run_s = single_run_s  # how long a batch of one takes (warm-up, then every such batch)
 
     @property
     def depth(self) -> int:
@@ -171,6 +180,31 @@ class Batcher(Generic[T, R]):
         self._wakeup.set()
         self._report_depth()
         return futures
+
+    def run_inline(self, item: T) -> RowResult[R] | None:
+        """Run one row now, on this thread, if the batcher is idle and a batch of one is cheap enough;
+        None when it is not (then `submit` it). Raises BatchFailed when the model fails on it. The caller
+        checks the deadline: the row runs at once."""
+        if (self.inline_max_s <= 0 or self.single_run_s is None or self.single_run_s > self.inline_max_s
+                or self._pending or self.running_rows or self._incoming or not self.accepting):
+            return None
+        start = self._clock.now()
+        try:
+            outputs = self._run_batch([item])
+            if len(outputs) != 1:
+                raise RuntimeError(f"the model returned {len(outputs)} outputs for 1 row")
+        except Exception as exc:
+            logger.warning("%s: row failed: %s", self.name, exc)
+            raise BatchFailed(str(exc)) from exc
+        run_s = self._clock.now() - start
+        self._note_single(run_s)
+        if self._observer is not None:
+            self._observer.on_batch(1, "inline", [0.0], run_s)
+        return RowResult(outputs[0], 0.0, run_s, 1)
+
+    def _note_single(self, run_s: float) -> None:
+        prev = self.single_run_s
+        self.single_run_s = run_s if prev is None else 0.8 * prev + 0.2 * run_s
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Stop taking rows, run the rows already queued (flush reason `drain`), then end the loop."""
@@ -291,6 +325,8 @@ class Batcher(Generic[T, R]):
             await self._run(rows[half:], reason)
             return
         run_s = self._clock.now() - start
+        if len(rows) == 1:
+            self._note_single(run_s)
         waits = [start - r.enqueued for r in rows]
         logger.debug("%s: ran %d rows (%s) in %.1f ms", self.name, len(rows), reason, run_s * 1e3)
         for row, out, wait in zip(rows, outputs, waits, strict=True):

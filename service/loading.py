@@ -56,6 +56,18 @@ class ServedVersion:
         await self.batcher.stop(timeout_s)
 
 
+def time_single(runtime: Runtime, runs: int = 5) -> float:
+    """The median time of a batch of one, after warm-up: whether a lone row may run inline."""
+    h, w = runtime.meta.input.height, runtime.meta.input.width
+    image = np.zeros((1, h, w, 3), np.uint8)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        runtime.predict(image)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
 async def load_version(name: str, version: int, path: Path, loader: Loader, defaults: BatchingConfig,
                        warmup_given: list[int], metrics: Metrics) -> ServedVersion:
     """Everything that may fail happens here, before the version is swapped in; raises on failure."""
@@ -64,6 +76,7 @@ async def load_version(name: str, version: int, path: Path, loader: Loader, defa
     cfg = defaults.with_overrides(meta.batching, warmup_given)
     runtime = await asyncio.to_thread(loader, path, meta)
     warm = await asyncio.to_thread(warmup, runtime, cfg.warmup_sizes, cfg.batches_in_flight)
+    single = await asyncio.to_thread(time_single, runtime) if cfg.inline_run_max_ms > 0 else None
     seconds = time.perf_counter() - t0
 
     def run(rows: list[np.ndarray]) -> np.ndarray:
@@ -78,6 +91,8 @@ async def load_version(name: str, version: int, path: Path, loader: Loader, defa
         name=f"{name}:{version}",
         flush_when_idle=cfg.flush_when_idle,
         batches_in_flight=cfg.batches_in_flight,
+        inline_max_s=cfg.inline_run_max_ms / 1000.0,
+        single_run_s=single,
     )
     metrics.model_load_seconds.labels(name, str(version)).set(seconds)
     metrics.queue_capacity.labels(name, str(version)).set(cfg.max_queue_rows)

@@ -211,10 +211,7 @@ async def _disconnected(request: Request) -> None:
 
 def _submit(served: ServedVersion, rows: Sequence[np.ndarray], deadline: float,
             metrics: Metrics) -> list[asyncio.Future[RowResult[np.ndarray]]]:
-    if time.monotonic() >= deadline:  # spent reading and decoding: queueing it would only waste compute
-        metrics.rejections.labels("deadline").inc()
-        raise DeadlineExpired("the request's deadline passed before its images could be queued; "
-                              f"raise {TIMEOUT_HEADER} or retry later")
+    _check_deadline(deadline, metrics)
     try:
         return served.batcher.submit(rows, deadline)
     except QueueFull as exc:
@@ -222,6 +219,13 @@ def _submit(served: ServedVersion, rows: Sequence[np.ndarray], deadline: float,
     except BatcherStopped as exc:
         metrics.rejections.labels("draining").inc()
         raise NotReady("this model version is being unloaded; retry") from exc
+
+
+def _check_deadline(deadline: float, metrics: Metrics) -> None:
+    if time.monotonic() >= deadline:  # spent reading and decoding: queueing it would only waste compute
+        metrics.rejections.labels("deadline").inc()
+        raise DeadlineExpired("the request's deadline passed before its images could be queued; "
+                              f"raise {TIMEOUT_HEADER} or retry later")
 
 
 def _overloaded(served: ServedVersion, metrics: Metrics, detail: str) -> Overloaded:
@@ -263,7 +267,17 @@ async def _await_rows(request: Request | None, futures: list[asyncio.Future[RowR
 async def run_rows(
     request: Request | None, served: ServedVersion, rows: Sequence[np.ndarray], deadline: float, metrics: Metrics
 ) -> Outcome:
-    """Queue the rows on the version's batcher and wait for all of them (or the client leaving)."""
+    """Queue the rows on the version's batcher and wait for all of them (or the client leaving).
+    A lone row that finds the batcher idle, with a cheap model, runs at once (`Batcher.run_inline`)."""
+    if len(rows) == 1:
+        _check_deadline(deadline, metrics)
+        try:
+            result = served.batcher.run_inline(rows[0])
+        except BatchFailed as exc:
+            raise ModelFailed(f"the model failed on this input: {exc}") from exc
+        if result is not None:
+            return Outcome(probabilities=result.value[None], queue_s=0.0, run_s=result.run_s, batch_size=1,
+                           served=served)
     futures = _submit(served, rows, deadline, metrics)
     inflight = metrics.inflight_rows.labels(served.name, str(served.version))
     inflight.inc(len(rows))

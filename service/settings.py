@@ -48,6 +48,7 @@ class BatchingConfig:
     max_queue_rows: int
     flush_when_idle: bool
     warmup_sizes: tuple[int, ...] = ()
+    inline_run_max_ms: float = 0.0
 
     def with_overrides(self, override: BatchingOverride | None, warmup_given: list[int]) -> BatchingConfig:
         given = override.model_dump(exclude_none=True) if override is not None else {}
@@ -103,6 +104,10 @@ class Settings(BaseSettings):
         300_000, ge=0, description="a lone image of at most this many pixels is decoded on the event loop, not in "
         "the thread pool (0: never)"
     )
+    inline_run_max_ms: float = Field(
+        2.0, ge=0, le=1000, description="a lone row that finds its model idle (nothing queued, running or decoding) "
+        "runs on the event loop, not the model thread, when a batch of one takes at most this long (0: never)"
+    )
     decode_threads: int = Field(
         0, ge=0, description="decoding thread pool size (0: the process's share of the CPU cores)"
     )
@@ -155,7 +160,8 @@ class Settings(BaseSettings):
     def batching(self) -> BatchingConfig:
         """The service-wide batching settings (a model's `batching` block in model.json overrides them)."""
         return BatchingConfig(self.max_batch_size, self.max_batch_delay_ms, self.batches_in_flight,
-                              self.max_queue_rows, self.flush_when_idle).with_overrides(None,
+                              self.max_queue_rows, self.flush_when_idle,
+                              inline_run_max_ms=self.inline_run_max_ms).with_overrides(None,
                                                                                          self.warmup_batch_sizes)
 
     @property

@@ -404,7 +404,7 @@ def fit_on_cached_features(parts: Parts, data: Data, fit: Fitter, cfg: TrainConf
     if cfg.keep_cache:  # what the features depend on: a later run with the same key reuses them
         key = {"data": data.source.content_hash(), "backbone": cfg.backbone, "weights": cfg.weights,
                "cut": parts.unfreeze_from, "size": cfg.image_size, "copies": cfg.augment_copies, "seed": cfg.seed,
-               "max_per_class": cfg.max_per_class}
+               "max_per_class": cfg.max_per_class, "precision": cfg.precision}
     with FeatureCache(cfg.cache_dir, cfg.cache_dtype, cfg.keep_cache, key) as cache:
         if cache.reused:
             tr, va = cache.open("train"), cache.open("validation")

@@ -290,3 +290,25 @@ async def test_a_bad_image_among_several_is_named_by_its_place(client: httpx.Asy
     r = await client.post("/predict", files=files)
     assert r.status_code == 415, r.text
     assert r.json()["error"].startswith("image 2 of 2: ")
+
+
+@pytest.mark.parametrize("inline_ms", [2.0, 0.0])
+async def test_a_lone_request_runs_inline_on_an_idle_cheap_model(tmp_path: Path, inline_ms: float) -> None:
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    settings = Settings(model_store=tmp_path, max_batch_delay_ms=20, poll_interval_s=0.05,
+                        inline_run_max_ms=inline_ms)
+    app = create_app(settings, loader=lambda path, meta: FakeClassifier(meta))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            await wait_ready(c)
+            for red in (10, 250):
+                r = await c.post("/predict", content=jpeg(red), headers={"Content-Type": "image/jpeg"})
+                assert r.status_code == 200, r.text
+                assert 'batch;desc="1"' in r.headers["server-timing"]
+            assert r.json()["predictions"][0]["top"][0]["label"] == "bright"
+            metrics = (await c.get("/metrics")).text
+    inline = metric_sum(metrics, "imgserve_batches_total", model="fake", version="1", reason="inline")
+    idle = metric_sum(metrics, "imgserve_batches_total", model="fake", version="1", reason="idle")
+    assert (inline, idle) == ((2, 0) if inline_ms else (0, 2))
+    assert metric_sum(metrics, "imgserve_rows_total", model="fake", version="1") == 2

@@ -303,3 +303,47 @@ async def test_waiting_batch_closes_as_soon_as_the_running_one_ends(model: Recor
     await wait_done(first + second)  # the clock never moved
     assert model.batches == [[1], [2]]
     await b.stop(1)
+
+
+async def test_a_lone_row_runs_inline_only_when_idle_and_cheap(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock, max_delay_s=1000.0, inline_max_s=0.002, single_run_s=0.001)
+    thread = threading.get_ident()
+    ran_on: list[int] = []
+    inner = b._run_batch
+    b._run_batch = lambda items: (ran_on.append(threading.get_ident()), inner(items))[1]  # type: ignore[method-assign]
+    r = b.run_inline(5)
+    assert r is not None and r.value == 10 and r.batch_size == 1 and r.queue_s == 0.0
+    assert ran_on == [thread]  # on the caller's thread, not the model executor
+    with b.incoming():  # another request decoding: it could join a batch, so queue instead
+        assert b.run_inline(6) is None
+    queued = b.submit([7])
+    assert b.run_inline(8) is None  # a row is queued ahead of it
+    await clock.advance(1000.0)
+    await wait_done(queued)
+    b.single_run_s = 0.005  # the model got slower than the limit: always queue
+    assert b.run_inline(9) is None
+    assert model.batches == [[5], [7]]
+    await b.stop(1)
+    b.single_run_s = 0.001
+    assert b.run_inline(10) is None  # stopped: no row runs, inline or not
+
+
+async def test_inline_off_by_default_and_failure_is_the_rows_alone(model: RecordingModel, clock: FakeClock) -> None:
+    off = make(model, clock, single_run_s=0.0001)
+    assert off.run_inline(1) is None
+    await off.stop(1)
+    b = make(model, clock, inline_max_s=0.002, single_run_s=0.001)
+    model.fail_on = {3}
+    with pytest.raises(BatchFailed):
+        b.run_inline(3)
+    assert b.run_inline(4).value == 8  # type: ignore[union-attr]
+    await b.stop(1)
+
+
+async def test_single_run_time_follows_batches_of_one(model: RecordingModel, clock: FakeClock) -> None:
+    b = make(model, clock, max_delay_s=0.0, inline_max_s=0.002)
+    assert b.run_inline(1) is None  # never timed: unknown cost, so queue
+    await wait_done(b.submit([1]))
+    assert b.single_run_s == 0.0  # the fake clock did not move while it ran
+    assert b.run_inline(2) is not None
+    await b.stop(1)
