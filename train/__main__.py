@@ -51,7 +51,7 @@ def _demo(argv: list[str]) -> int:
         result = run(TrainConfig(
             data=root, store=args.store, name=DEMO_NAME, backbone="cnn", weights="none",
             image_size=args.image_size, head_epochs=args.epochs, patience=6, batch_size=32,
-            time_budget_min=args.time_budget_min,
+            time_budget_min=args.time_budget_min, precision="float32",
             extra_metadata={"demo": True, "description": "Demo model trained on synthetic shapes"},
         ))
     print(f"published {result.version_dir} (test accuracy {result.metrics['accuracy']:.3f})")

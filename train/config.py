@@ -48,8 +48,9 @@ class TrainConfig:
                           "image)")
     measure_flip_tta: bool = _opt(False, "also run the test split mirrored, for the report's accuracy with flip "
                                   "test-time augmentation (doubles the evaluation)")
-    precision: str = _opt("float32", "float32, or bfloat16: mixed bfloat16 compute (fast only on CPUs with "
-                          "AVX512_BF16 or AMX, or a GPU)", choices=("float32", "bfloat16"))
+    precision: str = _opt("auto", "float32; bfloat16: mixed bfloat16 compute (fast only on CPUs with "
+                          "AVX512_BF16 or AMX, or a GPU of compute capability 8.0+); auto: bfloat16 where it is "
+                          "fast, else float32", choices=("float32", "bfloat16", "auto"))
     cache_dir: Path | None = _opt(None, "where the feature cache folder is made (default: the system temp "
                                   "folder)")
     cache_dtype: str = _opt("float16", "dtype of the cached features", choices=("float16", "bfloat16",

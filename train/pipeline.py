@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from service import store
+from service.cpu import cpu_has_bf16
 from service.metadata import ModelMeta
 from train import data as dataset
 from train import report
@@ -627,14 +628,16 @@ def _run_info(cfg: TrainConfig, fit: Fitter) -> dict[str, Any]:
 
 
 def set_precision(cfg: TrainConfig) -> str:
-    """Apply --precision and say what runs it: bfloat16 is native only with AVX512_BF16 or AMX (or a GPU)."""
+    """Apply --precision and say what runs it. bfloat16 is native on CPUs with AVX512_BF16 or AMX and
+    on GPUs of compute capability 8.0 or newer; `auto` takes it there and float32 elsewhere."""
+    native = native_bfloat16()
+    if cfg.precision == "auto":
+        cfg.precision = "bfloat16" if native else "float32"
     if cfg.precision == "float32":
         keras.mixed_precision.set_global_policy("float32")
         return "float32"
-    flags = cpu_flags()
-    native = bool(tf.config.list_physical_devices("GPU")) or bool({"avx512_bf16", "amx_bf16"} & flags)
     if not native:
-        logger.warning("--precision bfloat16 on a CPU without AVX512_BF16 or AMX: TensorFlow emulates it, "
+        logger.warning("--precision bfloat16 without AVX512_BF16, AMX or a recent GPU: TensorFlow emulates it, "
                        "which is slower than float32 here")
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     return "mixed_bfloat16" + ("" if native else " (emulated)")
@@ -653,14 +656,12 @@ def float32_copy(trained: keras.Model, cfg: TrainConfig, num_classes: int) -> ke
     return served
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def native_bfloat16() -> bool:
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return tuple(details.get("compute_capability") or (0, 0)) >= (8, 0)
+    return cpu_has_bf16()
 
 
 def run(cfg: TrainConfig) -> TrainResult:

@@ -184,3 +184,29 @@ def test_hed_weights_load_under_mixed_bfloat16() -> None:
         assert not np.allclose(base.get_layer("block1_conv1").get_weights()[0], before)
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize(("native", "want"), [(True, "bfloat16"), (False, "float32")])
+def test_auto_precision_takes_bfloat16_only_where_it_is_native(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                native: bool, want: str) -> None:
+    import train.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "native_bfloat16", lambda: native)
+    cfg = TrainConfig(data=tmp_path, store=tmp_path)
+    assert cfg.precision == "auto"  # the default
+    try:
+        said = pipeline.set_precision(cfg)
+        assert cfg.precision == want and keras_policy() == ("mixed_bfloat16" if native else "float32")
+        assert said == ("mixed_bfloat16" if native else "float32")
+    finally:
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="a GPU decides instead")
+def test_native_bfloat16_follows_the_cpu_flags() -> None:
+    from service.cpu import cpu_has_bf16
+    from train.pipeline import native_bfloat16
+
+    assert native_bfloat16() == cpu_has_bf16()  # no GPU: the CPU decides
