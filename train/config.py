@@ -60,8 +60,8 @@ class TrainConfig:
     dropout: float = _opt(0.3, "dropout before the softmax layer")
     patience: int = _opt(3, "early stopping patience on validation loss (epochs); the best epoch's weights are "
                          "kept")
-    augment_copies: int = _opt(0, "with cached features: augmented copies of the training set added to the "
-                               "originals")
+    augment_copies: int = _opt(1, "with cached features: augmented copies of the training set added to the "
+                               "originals (each one adds the features' time again)")
     cache_features: bool | None = _opt(None, "train on cached backbone outputs (default: yes for a chain-shaped "
                                        "pretrained backbone such as VGG16 on a CPU)")
     batchnorm: bool = _opt(True, "plain CNN with batch normalisation")
