@@ -5,8 +5,9 @@ requests answered in a fixed window, with raw `image/jpeg` bodies and with multi
     python -m bench.cpu ... --target before=/tmp/before:1 --target after=.:auto --rounds 3
 
 Each `--target NAME=CODE:WORKERS` is a checkout of this project (its `python -m service`, run with
-this venv) and an IMGSERVE_WORKERS value; the targets are measured in turn, `--rounds` times over,
-so that a before/after pair shares the machine's state, and the median of the rounds is reported.
+its own `.venv` when it has one, else this venv) and an IMGSERVE_WORKERS value; the targets are
+measured in turn, `--rounds` times over, so that a before/after pair shares the machine's state, and
+the median of the rounds is reported.
 
 The load comes from wrk (compiled, a separate process; its CPU is not counted). The figure is a
 property of the server's code path, so it can be compared before and after a change on one machine

@@ -89,7 +89,9 @@ class ServerProcess:
                           **settings)
         t0 = time.perf_counter()
         with open(log, "wb") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=code, env=env, stdout=fh,
+            own = code / ".venv" / "bin" / "python"  # a checkout with its own venv runs with it (its own pins)
+            python = str(own) if code != REPO and own.exists() else sys.executable
+            self.proc = subprocess.Popen([python, "-m", "service"], cwd=code, env=env, stdout=fh,
                                          stderr=subprocess.STDOUT)
         self._wait_ready(ready_timeout)
         self.startup_s = time.perf_counter() - t0
