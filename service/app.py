@@ -148,6 +148,9 @@ def _with_body_schemas(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+OTEL_OFF = {"tracing": False, "metrics": False, "logs": False}  # FastAPI's per-request checks, when unused
+
+
 def create_app(settings: Settings | None = None, loader: Loader | None = None) -> FastAPI:
     """The service; `loader(path, meta)` replaces the runtimes (tests pass a fake one)."""
     settings = settings or Settings.load()
@@ -155,7 +158,8 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     if not MULTIPROCESS:  # process_* series describe one process; with several, see process_rss
         ProcessCollector(registry=metrics.registry)
     app = FastAPIOffline(title="imgserve", version=__version__, description=DESCRIPTION,
-                         lifespan=_lifespan(settings, metrics, loader), default_response_class=ORJSONResponse)
+                         lifespan=_lifespan(settings, metrics, loader), default_response_class=ORJSONResponse,
+                         telemetry=None if settings.opentelemetry else OTEL_OFF)
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.draining = False

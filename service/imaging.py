@@ -11,6 +11,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
+# the pixel limit is checked below, from the header; Pillow's own warning for large images is noise (a
+# process-wide filter, set once: a catch_warnings block per request costs more than the probe)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 # Formats we accept, by the name Pillow gives them when it reads the header.
 ACCEPTED_FORMATS: dict[str, str] = {
     "JPEG": "image/jpeg",
@@ -63,10 +67,8 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     if not data:
         raise ImageError("the image is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                fmt, (width, height) = img.format or "", img.size
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, (width, height) = img.format or "", img.size
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image declares more pixels than the limit of {max_pixels}") from exc
     except Exception as exc:  # Pillow raises many types for data that is not an image

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
         300_000, ge=0, description="a lone image of at most this many pixels is decoded on the event loop, not in "
         "the thread pool (0: never)"
     )
+    opentelemetry: bool = Field(
+        False, description="FastAPI's native OpenTelemetry spans, metrics and logs (with an OpenTelemetry SDK "
+        "configured in the process); off, FastAPI skips its per-request checks"
+    )
     inline_run_max_ms: float = Field(
         2.0, ge=0, le=1000, description="a lone row that finds its model idle (nothing queued, running or decoding) "
         "runs on the event loop, not the model thread, when a batch of one takes at most this long (0: never)"

@@ -41,7 +41,8 @@ async def wait_ready(client: httpx.AsyncClient) -> None:
 async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     write_fake_version(tmp_path, "fake", 1, LABELS)
     settings = Settings(model_store=tmp_path, max_batch_delay_ms=20, poll_interval_s=0.05,
-                        max_upload_bytes=200_000, max_images_per_request=4, max_image_pixels=1_000_000)
+                        max_upload_bytes=200_000, max_images_per_request=4, max_image_pixels=1_000_000,
+                        inline_run_max_ms=0)  # batching is what these tests look at; inline has its own test
     app = create_app(settings, loader=lambda path, meta: FakeClassifier(meta))
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
@@ -220,7 +221,8 @@ async def test_model_json_batching_block_overrides_the_settings(tmp_path: Path) 
         fakes[meta.name] = FakeClassifier(meta)  # type: ignore[attr-defined]
         return fakes[meta.name]  # type: ignore[attr-defined]
 
-    settings = Settings(model_store=tmp_path, max_batch_size=16, max_batch_delay_ms=200, poll_interval_s=0.05)
+    settings = Settings(model_store=tmp_path, max_batch_size=16, max_batch_delay_ms=200, poll_interval_s=0.05,
+                        inline_run_max_ms=0)
     app = create_app(settings, loader=loader)
     async with LifespanManager(app) as manager:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
