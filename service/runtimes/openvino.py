@@ -54,10 +54,24 @@ class OpenVINORuntime:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Blocking; OpenVINO releases the GIL while it infers."""
-        request = getattr(self._local, "request", None)
-        if request is None:
-            request = self._local.request = self._compiled.create_infer_request()
+        held = getattr(self._local, "request", None)
+        if held is None:
+            held = self._local.request = _Request(self._compiled.create_infer_request(), self._compiled)
+        request = held.request
         request.infer({0: np.ascontiguousarray(images, dtype=np.uint8)})
         out = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
         check_probabilities(out, images.shape[0], self.meta.num_classes)
         return out
+
+
+class _Request:
+    """A thread's infer request with a reference to its compiled model, so that the model is never freed
+    before the request. A request made on a thread that outlives the runtime (the event loop, which runs
+    lone rows inline) is freed only with the runtime's thread-local storage, and freeing it after its
+    compiled model corrupted the heap."""
+
+    __slots__ = ("request", "compiled")
+
+    def __init__(self, request: ov.InferRequest, compiled: ov.CompiledModel) -> None:
+        self.request = request
+        self.compiled = compiled
