@@ -163,7 +163,7 @@ def test_an_interrupted_run_leaves_no_cache_and_no_version(tmp_path: Path, cloth
     cmd = [sys.executable, "-m", "train", "--data", str(clothing), "--store", str(store), "--name", "vgg",
            "--weights", "none", "--image-size", "64", "--max-per-class", "60", "--batch-size", "4",
            "--head-epochs", "200", "--patience", "200", "--cache-dir", str(cache_dir), "--variants", "no",
-           "--workers", "1"]
+           "--workers", "1", "--precision", "float32", "--augment-copies", "0"]
     log = tmp_path / "train.log"
 
     def reached() -> bool:
