@@ -45,10 +45,13 @@ def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path, ser
         assert set(statuses) <= {200, 429, 504}, statuses
         assert statuses.get(429, 0) > 0, f"150% of {capacity:.0f}/s against a 16-row queue must overflow it"
         assert result["p99_ms"] < deadline_ms + 500, result  # accepted requests are answered within the deadline
-        # every request the server answered reached the client (no client-side timeout or reset)
+        # every request the server answered reached the client (no client-side timeout or reset), but
+        # for those in flight when hey's -z time ran out: hey cancels them and leaves them out of its
+        # CSV, at most one per worker (each sends one request at a time)
         served = sum(v for k, v in counted.items() if k.startswith("imgserve_http_requests_total{")
                      and 'handler="/predict"' in k)
-        assert served == result["answered"], (served, result["answered"], counted)
+        in_flight_at_end = served - result["answered"]  # type: ignore[operator]
+        assert 0 <= in_flight_at_end <= result["workers"], (served, result["answered"], counted)
         # queue full is answered at once, with Retry-After
         t = time.perf_counter()
         r = None
@@ -134,13 +137,18 @@ def test_sigkill_under_load_then_restart(trained: Trained, tmp_path: Path) -> No
 
 def test_twenty_hot_swaps_under_load(live: LiveServer, trained: Trained) -> None:
     store = live.log.parent / "store"
-    with Load(live.url, clothing_images(8), clients=4) as load:
+    with Load(live.url, clothing_images(8), clients=4, per_client=10_000) as load:
         for i in range(1, 21):
             v = trained.version + i
             clone_version(store, trained.name, trained.version, v)
             assert wait_for(lambda v=v: served_everywhere(live, "clothing") == {v}, 60)
-        n = len(load.results)
-        assert wait_for(lambda: len(load.results) > n + 5)
+    # the load is bounded in count and may end before the swaps do: the last version answers afterwards,
+    # from every process the kernel hands the connections to
+    last = trained.version + 20
+    with ThreadPoolExecutor(8) as pool:
+        after = list(pool.map(lambda p: httpx.post(live.url + "/predict", timeout=30, content=p.read_bytes(),
+                                                   headers={"Content-Type": "image/jpeg"}), clothing_images(8) * 2))
+    assert [(r.status_code, r.json()["version"]) for r in after] == [(200, last)] * 16
     assert load.errors == []
     assert {s for s, _, _ in load.results} == {200}
     assert all(str(b) == h for _, b, h in load.results)

@@ -68,8 +68,8 @@ def test_concurrent_requests_are_batched_and_correct(live: LiveServer, trained: 
 class Load:
     """Bounded closed-loop load from a few threads; records every answer."""
 
-    def __init__(self, url: str, images: list[Path], clients: int = 4) -> None:
-        self.url, self.images, self.clients = url, images, clients
+    def __init__(self, url: str, images: list[Path], clients: int = 4, per_client: int = 2000) -> None:
+        self.url, self.images, self.clients, self.per_client = url, images, clients, per_client
         self.stop = threading.Event()
         self.results: list[tuple[int, int | None, str | None]] = []
         self.errors: list[str] = []
@@ -78,7 +78,7 @@ class Load:
     def _run(self, i: int) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as client:
             n = 0
-            while not self.stop.is_set() and n < 2000:
+            while not self.stop.is_set() and n < self.per_client:
                 p = self.images[(i + n) % len(self.images)]
                 n += 1
                 try:
