@@ -66,10 +66,13 @@ def test_concurrent_requests_are_batched_and_correct(live: LiveServer, trained: 
 
 
 class Load:
-    """Bounded closed-loop load from a few threads; records every answer."""
+    """Closed-loop load from a few threads until the block ends, bounded in count and time (so that a fast
+    machine does not run out of requests before a test's last check); records every answer."""
 
-    def __init__(self, url: str, images: list[Path], clients: int = 4, per_client: int = 2000) -> None:
+    def __init__(self, url: str, images: list[Path], clients: int = 4, per_client: int = 20_000,
+                 max_s: float = 300) -> None:
         self.url, self.images, self.clients, self.per_client = url, images, clients, per_client
+        self.deadline = time.monotonic() + max_s
         self.stop = threading.Event()
         self.results: list[tuple[int, int | None, str | None]] = []
         self.errors: list[str] = []
@@ -78,7 +81,7 @@ class Load:
     def _run(self, i: int) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as client:
             n = 0
-            while not self.stop.is_set() and n < self.per_client:
+            while not self.stop.is_set() and n < self.per_client and time.monotonic() < self.deadline:
                 p = self.images[(i + n) % len(self.images)]
                 n += 1
                 try:
