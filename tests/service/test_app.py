@@ -251,6 +251,12 @@ def test_list_and_map_settings_are_typed() -> None:
             Settings(**bad)
 
 
+def test_the_inflight_limit_defaults_to_twice_the_queue_rows() -> None:
+    # a request holds its slot while read, decoded and answered, not only while queued (Settings.inflight_limit)
+    assert Settings(max_queue_rows=16).inflight_limit == 32
+    assert Settings(max_queue_rows=16, max_inflight_requests=5).inflight_limit == 5
+
+
 async def test_over_the_inflight_limit_is_refused_before_the_body_is_read(tmp_path: Path) -> None:
     write_fake_version(tmp_path, "fake", 1, LABELS)
     settings = Settings(model_store=tmp_path, poll_interval_s=0.05, max_inflight_requests=2)
