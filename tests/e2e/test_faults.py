@@ -55,7 +55,8 @@ def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path, ser
         # queue full is answered at once, with Retry-After
         t = time.perf_counter()
         r = None
-        clients = 32 * server_processes  # twice the queue of every process, however the kernel spreads them
+        # twice the in-flight limit (2 x 16 queue rows) of every process, however the kernel spreads them
+        clients = 64 * server_processes
         for _ in range(200):
             with ThreadPoolExecutor(clients) as pool:
                 rs = list(pool.map(lambda _: httpx.post(server.url + "/predict", content=clothing_images(1)[0].read_bytes(),
