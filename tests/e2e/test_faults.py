@@ -19,6 +19,7 @@ import pytest
 
 from bench.runs import wrk
 from bench.soak import open_loop, server_counts
+from service.settings import Settings
 from tests.conftest import LiveServer, Trained, clone_version, clothing_images, served_everywhere, start_server
 from tests.e2e.test_server import Load, wait_for
 
@@ -55,8 +56,8 @@ def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path, ser
         # queue full is answered at once, with Retry-After
         t = time.perf_counter()
         r = None
-        # twice the in-flight limit (2 x 16 queue rows) of every process, however the kernel spreads them
-        clients = 64 * server_processes
+        # twice the in-flight limit of every process, however the kernel spreads them
+        clients = 2 * Settings(max_queue_rows=16).inflight_limit * server_processes
         for _ in range(200):
             with ThreadPoolExecutor(clients) as pool:
                 rs = list(pool.map(lambda _: httpx.post(server.url + "/predict", content=clothing_images(1)[0].read_bytes(),

@@ -3,6 +3,7 @@ versions and graceful shutdown, under bounded concurrent load."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import signal
 import threading
@@ -69,10 +70,12 @@ class Load:
     """Closed-loop load from a few threads until the block ends, bounded in count and time (so that a fast
     machine does not run out of requests before a test's last check); records every answer."""
 
-    def __init__(self, url: str, images: list[Path], clients: int = 4, per_client: int = 20_000,
-                 max_s: float = 300) -> None:
-        self.url, self.images, self.clients, self.per_client = url, images, clients, per_client
-        self.deadline = time.monotonic() + max_s
+    PER_CLIENT = 20_000
+    MAX_S = 300.0
+
+    def __init__(self, url: str, images: list[Path], clients: int = 4) -> None:
+        self.url, self.images, self.clients = url, images, clients
+        self.deadline = math.inf
         self.stop = threading.Event()
         self.results: list[tuple[int, int | None, str | None]] = []
         self.errors: list[str] = []
@@ -81,7 +84,7 @@ class Load:
     def _run(self, i: int) -> None:
         with httpx.Client(base_url=self.url, timeout=30) as client:
             n = 0
-            while not self.stop.is_set() and n < self.per_client and time.monotonic() < self.deadline:
+            while not self.stop.is_set() and n < self.PER_CLIENT and time.monotonic() < self.deadline:
                 p = self.images[(i + n) % len(self.images)]
                 n += 1
                 try:
@@ -93,6 +96,7 @@ class Load:
                 self.results.append((r.status_code, body.get("version"), r.headers.get("x-model-version")))
 
     def __enter__(self) -> Load:
+        self.deadline = time.monotonic() + self.MAX_S
         for t in self._threads:
             t.start()
         return self
