@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ ACCEPTED_FORMATS: dict[str, str] = {
     "BMP": "image/bmp",
 }
 DEFAULT_MAX_PIXELS = 40_000_000
+MAX_SIDE = 1 << 20  # OpenCV's CV_IO_MAX_IMAGE_WIDTH and _HEIGHT: a longer side is an assertion error in imdecode
 _REDUCED_FLAGS = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
 
 cv2.setNumThreads(1)  # decoding runs in our own thread pool; OpenCV's pool would oversubscribe the cores
@@ -55,6 +57,29 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG whose chunk declares more bytes than the file holds.
+
+    OpenCV's PNG reader sizes its buffer from the declared chunk length before reading it, so a 77-byte
+    file declaring a 4 GB chunk makes it allocate 4 GB (found by the fuzzer); Pillow's header probe
+    does not read that far. A valid PNG never has such a chunk, so this is a truncated file.
+    """
+    pos, end = len(_PNG_SIGNATURE), len(data)
+    while pos + 8 <= end:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if length > end - pos - 12:  # the chunk's data and its 4-byte CRC must both be there
+            raise ImageError(
+                f"the PNG image is truncated: its {kind.decode('latin-1')!r} chunk at byte {pos} declares "
+                f"{length} bytes, more than the {max(end - pos - 12, 0)} left"
+            )
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+
+
 @dataclass(frozen=True)
 class ImageInfo:
     format: str
@@ -82,10 +107,14 @@ def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
         raise UnsupportedImageFormat(f"{fmt or 'this'} images are not supported; send JPEG, PNG, WebP or BMP")
     if width < 1 or height < 1:
         raise ImageError(f"the image has no pixels ({width}x{height})")
+    if max(width, height) > MAX_SIDE:
+        raise ImageTooLarge(f"the image is {width}x{height}; no side may be longer than {MAX_SIDE} pixels")
     if width * height > max_pixels:
         raise ImageTooLarge(
             f"the image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
         )
+    if fmt == "PNG":
+        check_png_chunks(data)
     return ImageInfo(fmt, width, height)
 
 
@@ -107,13 +136,22 @@ def decode_image(data: bytes, height: int, width: int, max_pixels: int = DEFAULT
             flags = reduced
             break
     buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, flags)
+    try:
+        img = cv2.imdecode(buf, flags)
+    except cv2.error as exc:  # the codec's own checks refused it: that is this image's fault, not the server's
+        raise ImageError(f"the {info.format} image could not be decoded ({_first_line(exc)})") from exc
     if img is None or img.ndim != 3 or img.shape[2] != 3:
         raise ImageError(f"the {info.format} image could not be decoded (corrupt or truncated data)")
     if img.shape[0] != height or img.shape[1] != width:
         shrinking = img.shape[0] * img.shape[1] > height * width
         img = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _first_line(exc: Exception) -> str:
+    """OpenCV's message without its build path: '(-215:Assertion failed) size.width <= ... in function ...'."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0].rpartition(" error: ")[2] if lines else type(exc).__name__)[:200]
 
 
 def load_image(path: Path, height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -43,6 +43,8 @@ def png_bomb(w: int = 50_000, h: int = 50_000) -> bytes:
 REAL = clothing_images(1)[0].read_bytes() if clothing_images(1) else b""
 PNG = enc(Image.new("RGB", (40, 30), (10, 200, 30)), "PNG")
 GIF = enc(Image.new("RGB", (20, 20)), "GIF")
+# a valid PNG whose IDAT declares a 4 GB chunk in 77 bytes: OpenCV's reader allocated the 4 GB (the fuzzer's find)
+LYING_CHUNK = bytes(PNG[:33]) + b"\xfa" + bytes(PNG[34:])
 ANIMATED_GIF = b""
 _frames = [Image.new("P", (20, 20), i) for i in range(3)]
 _buf = io.BytesIO()
@@ -60,6 +62,7 @@ CASES: list[tuple[str, str, dict[str, Any], int]] = [
     ("truncated jpeg", "/predict", {"files": {"file": ("a.jpg", REAL[: len(REAL) // 2], "image/jpeg")}}, 400),
     ("truncated jpeg 99%", "/predict", {"files": {"file": ("a.jpg", REAL[: int(len(REAL) * .99)], "image/jpeg")}}, 400),
     ("truncated png", "/predict", {"files": {"file": ("a.png", PNG[: len(PNG) // 2], "image/png")}}, 400),
+    ("png chunk longer than the file", "/predict", {"content": LYING_CHUNK, "headers": {"Content-Type": "image/png"}}, 400),
     ("jpeg header only", "/predict", {"files": {"file": ("a.jpg", REAL[:200], "image/jpeg")}}, 400),
     ("gif", "/predict", {"files": {"file": ("a.gif", GIF, "image/gif")}}, 415),
     ("animated gif", "/predict", {"files": {"file": ("a.gif", ANIMATED_GIF, "image/gif")}}, 415),
@@ -100,6 +103,8 @@ CASES: list[tuple[str, str, dict[str, Any], int]] = [
     ("tfs version text", "/v1/models/clothing/versions/x:predict", {"json": {"instances": [{"b64": B64}]}}, 404),
     ("tfs text image", "/v1/models/clothing:predict",
      {"json": {"instances": [{"b64": base64.b64encode(b"plain text").decode()}]}}, 415),
+    ("tfs png chunk longer than the file", "/v1/models/clothing:predict",
+     {"json": {"instances": [{"b64": base64.b64encode(LYING_CHUNK).decode()}]}}, 400),
     ("tfs xml", "/v1/models/clothing:predict", {"content": b"<a/>", "headers": {"Content-Type": "application/xml"}}, 415),
     # KServe v2
     ("kserve wrong datatype", "/v2/models/clothing/infer",

@@ -20,7 +20,7 @@ from tests.service.test_batcher import FakeClock, settle
 def test_atheris_fuzzes_the_decoder() -> None:
     pytest.importorskip("atheris")
     runs = 3000
-    r = subprocess.run([sys.executable, "fuzz/fuzz_decode.py", f"-runs={runs}", "-rss_limit_mb=4096",
+    r = subprocess.run([sys.executable, "fuzz/fuzz_decode.py", f"-runs={runs}", "-rss_limit_mb=2048", "-seed=20261202",
                         "-artifact_prefix=/tmp/imgserve-fuzz-"], cwd=REPO, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

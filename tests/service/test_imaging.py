@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -11,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from service import imaging
 from service.imaging import ImageError, ImageTooLarge, UnsupportedImageFormat, decode_image
+from tests.conftest import REPO
 
 
 def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -95,6 +99,44 @@ def test_declared_giant_png_is_refused_without_decoding() -> None:
     bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
     with pytest.raises(ImageTooLarge):
         decode_image(bomb, 8, 8)
+
+
+def test_a_png_chunk_longer_than_the_file_is_refused_before_opencv_allocates_it() -> None:
+    # The fuzzer's find: a valid 9x7 PNG whose IDAT length field says 0xfa000014 (4 GB) made OpenCV's
+    # reader allocate 4 GB for a 77-byte request. Measured in a fresh process: its peak RSS is the figure.
+    code = """
+import io, resource, sys
+from PIL import Image
+from service import imaging
+from service.imaging import ImageError, decode_image
+buf = io.BytesIO(); Image.new("RGB", (9, 7), (200, 30, 60)).save(buf, "PNG")
+data = bytearray(buf.getvalue()); data[33] = 0xfa  # the first byte of the IDAT chunk's length
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_image(bytes(data), 16, 16)
+    print("decoded")
+except ImageError as exc:
+    print(type(exc).__name__, exc)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    message, grown_mib = r.stdout.strip().splitlines()
+    assert message.startswith("ImageError") and "truncated" in message and "'IDAT'" in message, message
+    assert int(grown_mib) < 64, f"decoding 77 bytes grew the process by {grown_mib} MiB"
+
+
+def test_a_side_longer_than_opencv_allows_is_too_large_and_the_codec_refusing_is_a_4xx(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # the fuzzer's second find: a 1310729x1 BMP is under the pixel limit, but OpenCV asserts a side
+    # of at most 2^20 and raised cv2.error, which no caller expects (a 500)
+    long_bmp = encode(Image.new("RGB", (1_310_729, 1), (1, 2, 3)), "BMP")
+    with pytest.raises(ImageTooLarge, match="1310729x1"):
+        decode_image(long_bmp, 8, 8)
+    monkeypatch.setattr(imaging, "MAX_SIDE", 1 << 22)  # past our check, OpenCV's own assertion is still a 4xx
+    with pytest.raises(ImageError, match=r"BMP image could not be decoded \(\(-215:Assertion failed\)") as info:
+        decode_image(long_bmp, 8, 8)
+    assert "/io/opencv" not in str(info.value)
 
 
 @settings(max_examples=150, deadline=None)
