@@ -69,12 +69,31 @@ def main() -> int:
     summary = {f"{n} {b}": statistics.median(float(r["cpu_ms_per_request"]) for r in runs  # type: ignore[arg-type]
                                              if r["target"] == n and r["body"] == b)
                for n, _, _ in targets for b in ("raw", "multipart")}
+    ratios = paired_ratios(runs, [n for n, _, _ in targets], args.rounds)
     result = {"started": stamp, "command": " ".join(["python -m bench.cpu", *sys.argv[1:]]), "image": str(image),
-              "median_cpu_ms_per_request": summary, "runs": runs}
+              "median_cpu_ms_per_request": summary, "median_paired_ratio": ratios, "runs": runs}
     (args.out / f"{stamp}-cpu.json").write_text(json.dumps(result, indent=2))
     for key, value in summary.items():
         print(f"median {key}: {value:.3f} ms server CPU per request")
+    for key, value in ratios.items():
+        print(f"median paired ratio {key}: {value:.2f}x less CPU per request than {targets[0][0]}")
     return 0
+
+
+def paired_ratios(runs: list[dict[str, object]], names: list[str], rounds: int) -> dict[str, float]:
+    """For each target after the first: the median over rounds of (first target's CPU per request) / (its
+    own) in the same round. The machine drifts by more than the changes measured over the minutes a run
+    takes, and a round's targets run minutes apart at most, so the pairs cancel most of that drift."""
+    cost = {(r["target"], r["body"], r["round"]): float(r["cpu_ms_per_request"])  # type: ignore[arg-type]
+            for r in runs if r["cpu_ms_per_request"] is not None}
+    out = {}
+    for name in names[1:]:
+        for body in ("raw", "multipart"):
+            pairs = [cost[(names[0], body, k)] / cost[(name, body, k)] for k in range(1, rounds + 1)
+                     if (names[0], body, k) in cost and (name, body, k) in cost]
+            if pairs:
+                out[f"{name} {body}"] = statistics.median(pairs)
+    return out
 
 
 def _target(text: str) -> tuple[str, Path, str]:
