@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from service import __version__, runtimes, workers
 from service.api import kserve, native, tfserving
-from service.api.deps import BODY_MODELS, ORJSONResponse
+from service.api.deps import BODY_MODELS, ORJSONResponse, error_response
 from service.errors import ServiceError
 from service.loading import Loader
 from service.metrics import MULTIPROCESS, Metrics
@@ -107,7 +107,7 @@ def _error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def service_error(request: Request, exc: ServiceError) -> Response:
         if exc.status_code >= 500 and exc.status_code not in (503, 504):
             logger.error("request %s failed: %s", request.url.path, exc.message)
-        return ORJSONResponse(_error_body(exc.message, exc.code), status_code=exc.status_code, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -173,6 +173,7 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     async def metrics_text() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(native.FastPath)  # inside ServiceMiddleware: its limits, IDs and metrics hold for both
     app.add_middleware(ServiceMiddleware, max_body_bytes=settings.max_upload_bytes,
                        body_timeout_s=settings.body_timeout_s, draining=lambda: bool(app.state.draining),
                        metrics=metrics, inflight_limit=settings.inflight_limit)

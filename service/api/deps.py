@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from service.errors import BadRequest, NotReady, Unauthorized
+from service.errors import BadRequest, NotReady, ServiceError, Unauthorized
 from service.metrics import Metrics
 from service.registry import Registry
 from service.settings import Settings
@@ -86,6 +86,11 @@ class ORJSONResponse(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+def error_response(exc: ServiceError) -> ORJSONResponse:
+    """The answer to a ServiceError: `{"error", "code"}` with its status and headers (every route)."""
+    return ORJSONResponse({"error": exc.message, "code": exc.code}, status_code=exc.status_code, headers=exc.headers)
+
+
 class State:
     """What the lifespan puts on `app.state`, typed."""
 
@@ -120,11 +125,19 @@ async def get_registry(request: Request) -> Registry:
 
 
 def _check_key(request: Request, expected: str, what: str) -> None:
-    auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    if not key_matches(request.headers, expected):
         raise Unauthorized(f"this endpoint needs the {what} key: send 'Authorization: Bearer <key>' or "
                            "'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
+
+
+def key_given(headers: Any) -> str:
+    """The API key a request sends: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
+    auth = headers.get("authorization", "")
+    return auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+
+
+def key_matches(headers: Any, expected: str) -> bool:
+    return hmac.compare_digest(key_given(headers).encode(), expected.encode())
 
 
 async def require_predict_key(request: Request) -> None:

@@ -1,0 +1,114 @@
+"""/predict's fast path (service.api.native.FastPath): a raw image with a plainly valid query and the right
+key skips FastAPI's routing and validation; every other request, and so every error answer, goes on to
+the FastAPI route. Each request below is sent with the fast path on and with it off: the answers must be
+the same, so that no client can tell which path served it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from pydantic import SecretStr
+
+from service.api import native
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import FakeClassifier, write_fake_version
+from tests.service.test_app import LABELS, jpeg, wait_ready
+
+KEY = "s3cret-key"
+VARYING = {"x-request-id", "server-timing", "date"}
+
+
+@asynccontextmanager
+async def serving(store: Path, api_key: str | None) -> AsyncIterator[httpx.AsyncClient]:
+    settings = Settings(model_store=store, max_batch_delay_ms=1, poll_interval_s=0.05, max_upload_bytes=200_000,
+                        api_key=SecretStr(api_key) if api_key else None)
+    app = create_app(settings, loader=lambda path, meta: FakeClassifier(meta))
+    async with LifespanManager(app) as manager:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as c:
+            await wait_ready(c)
+            yield c
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    return tmp_path
+
+
+def answer(r: httpx.Response) -> tuple[int, Any, dict[str, str]]:
+    return r.status_code, r.json() if r.content else None, {k: v for k, v in r.headers.items() if k not in VARYING}
+
+
+async def both_ways(store: Path, monkeypatch: pytest.MonkeyPatch, api_key: str | None,
+                    send: Callable[[httpx.AsyncClient], Any]) -> tuple[Any, Any]:
+    async with serving(store, api_key) as c:
+        fast = answer(await send(c))
+    with monkeypatch.context() as m:
+        m.setattr(native.FastPath, "_query", staticmethod(lambda scope: None))
+        async with serving(store, api_key) as c:
+            slow = answer(await send(c))
+    return fast, slow
+
+
+QUERIES = ["", "top_k=2", "top_k=3&model=fake&version=1", "model=fake", "top_k=0", "top_k=1001", "top_k=%2B2",
+           "top_k=%D9%A3", "top_k=two", "top_k=1&top_k=2", "version=0", "version=9", "version=-1", "model=nope",
+           "model=", "model=" + "x" * 65, "unknown=1"]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+async def test_a_raw_image_gets_the_same_answer_either_way(store: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           query: str) -> None:
+    fast, slow = await both_ways(store, monkeypatch, None, lambda c: c.post(
+        f"/predict?{query}", content=jpeg(250), headers={"Content-Type": "image/jpeg"}))
+    assert fast == slow
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY},
+                                     {"X-API-Key": "wrong"}, {"Authorization": "Bearer wrong"}],
+                         ids=["none", "bearer", "x-api-key", "wrong", "wrong-bearer"])
+async def test_the_api_key_is_checked_the_same_either_way(store: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          headers: dict[str, str]) -> None:
+    fast, slow = await both_ways(store, monkeypatch, KEY, lambda c: c.post(
+        "/predict", content=jpeg(10), headers={"Content-Type": "image/jpeg", **headers}))
+    assert fast == slow
+    assert fast[0] == (200 if KEY in "".join(headers.values()) else 401)
+
+
+@pytest.mark.parametrize(("body", "ctype"), [(b"", "image/jpeg"), (b"not an image", "image/png"),
+                                        (b"%PDF-1.7", "application/octet-stream"), (jpeg(128), "image/webp")])
+async def test_bad_bodies_get_the_same_error_either_way(store: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        body: bytes, ctype: str) -> None:
+    fast, slow = await both_ways(store, monkeypatch, None, lambda c: c.post(
+        "/predict", content=body, headers={"Content-Type": ctype}))
+    assert fast == slow
+
+
+def scope(query: bytes = b"", method: str = "POST", ctype: bytes = b"image/jpeg",
+          key: str | None = None, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+    class App:
+        class state:  # noqa: N801 - stands in for app.state
+            settings = Settings(api_key=SecretStr(key) if key else None)
+
+    return {"type": "http", "method": method, "path": "/predict", "query_string": query, "app": App,
+            "headers": [(b"content-type", ctype), *(headers or [])]}
+
+
+def test_which_requests_take_the_fast_path() -> None:
+    take = native.FastPath._query
+    assert take(scope()) == (None, None, 5)
+    assert take(scope(b"top_k=3&model=fake&version=2")) == ("fake", 2, 3)
+    assert take(scope(ctype=b"application/octet-stream; x=1")) == (None, None, 5)
+    assert take(scope(ctype=b"IMAGE/PNG")) == (None, None, 5)
+    assert take(scope(key=KEY, headers=[(b"x-api-key", KEY.encode())])) == (None, None, 5)
+    for other in (scope(ctype=b"multipart/form-data; boundary=x"), scope(ctype=b"application/json"),
+                  scope(method="GET"), scope(b"top_k=0"), scope(b"top_k=+1"), scope(b"version=0"),
+                  scope(b"model="), scope(b"top_k=1&top_k=1"), scope(b"debug=1"), scope(key=KEY),
+                  scope(key=KEY, headers=[(b"x-api-key", b"nope")])):
+        assert take(other) is None, other
