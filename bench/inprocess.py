@@ -1,0 +1,130 @@
+"""Event-loop CPU time per /predict request, in one process, with no sockets and no load generator.
+
+    python -m bench.inprocess                            # this checkout
+    python -m bench.inprocess --code /tmp/before         # another checkout of this project, same venv
+
+The app is driven through ASGI directly, one request at a time, with a model that costs nothing (it
+answers a fixed row), so the figure is what the HTTP framework, the pipeline and the decoder cost the
+event loop's thread (`time.thread_time`). It does not count uvicorn's parsing or the sockets; it is
+free of the noise a load generator on the same cores brings to `bench.cpu`, so a change to the request
+path can be compared before and after in seconds. The decoder's own cost is printed beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.harness import DEFAULT_IMAGES
+
+
+class NoModel:
+    """A runtime that answers the same probabilities for every row."""
+
+    runtime, precision = "none", "fp32"
+
+    def __init__(self, meta: Any) -> None:
+        self.meta = meta
+        self.row = np.full(meta.num_classes, 1.0 / meta.num_classes, np.float32)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return np.tile(self.row, (len(images), 1))
+
+
+async def measure(image: bytes, requests: int, rounds: int, query: bytes) -> dict[str, Any]:
+    from service.app import create_app
+    from service.imaging import decode_image
+    from service.metadata import ModelMeta
+    from service.settings import Settings
+    from service.store import publish
+
+    with tempfile.TemporaryDirectory(prefix="imgserve-inprocess-") as tmp:
+        store = Path(tmp)
+        def write(folder: Path) -> None:  # the loader never reads it
+            (folder / "saved_model.pb").write_bytes(b"none")
+
+        labels = [f"class-{i}" for i in range(10)]
+        publish(store, "m", write, ModelMeta.create(labels=labels, size=(64, 64), backbone="none"))
+        app = create_app(Settings(model_store=store, log_level="WARNING"), loader=lambda p, m: NoModel(m))
+        headers = [(b"host", b"bench"), (b"content-type", b"image/jpeg"),
+                   (b"content-length", str(len(image)).encode())]
+
+        async def one() -> None:
+            sent: list[dict[str, Any]] = []
+            delivered = False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": image, "more_body": False}
+                await asyncio.Event().wait()  # the client never goes away
+                return {}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                     "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": query,
+                     "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+                     "state": {}}
+            await app(scope, receive, send)
+            if sent[0]["status"] != 200:
+                raise RuntimeError(f"/predict answered {sent[0]['status']}: {sent[-1].get('body', b'')[:300]!r}")
+
+        async with app.router.lifespan_context(app):
+            registry = app.state.registry
+            for _ in range(600):
+                if registry.ready:
+                    break
+                await asyncio.sleep(0.05)
+            for _ in range(max(100, requests // 10)):
+                await one()
+            per_request, decode = [], []
+            for _ in range(rounds):
+                t = time.thread_time()
+                for _ in range(requests):
+                    await one()
+                per_request.append((time.thread_time() - t) / requests * 1e6)
+                t = time.thread_time()
+                for _ in range(requests):
+                    decode_image(image, 64, 64)
+                decode.append((time.thread_time() - t) / requests * 1e6)
+    return {"us_per_request": statistics.median(per_request), "us_decode": statistics.median(decode),
+            "rounds_us_per_request": per_request, "rounds_us_decode": decode}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--code", type=Path, default=None, help="a checkout of this project to measure (default: this one)")
+    p.add_argument("--requests", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--query", default="top_k=5")
+    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    args = p.parse_args()
+    if args.code is not None:  # its service package, not ours
+        sys.path.insert(0, str(args.code.resolve()))
+        for name in [m for m in sys.modules if m == "service" or m.startswith("service.")]:
+            del sys.modules[name]
+    os.environ.setdefault("IMGSERVE_LOG_LEVEL", "WARNING")
+    image = sorted(args.images.rglob("*.jpg"))[0]
+    res = asyncio.run(measure(image.read_bytes(), args.requests, args.rounds, args.query.encode()))
+    res.update(code=str((args.code or Path(".")).resolve()), image=str(image), requests=args.requests)
+    print(f"{res['us_per_request']:.0f} us of event-loop CPU a request ({res['us_decode']:.0f} us of it the "
+          f"decoder's), median of {args.rounds} rounds of {args.requests}: {res['code']}")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""bench.inprocess drives the real app through ASGI and measures it; its figure must be a real one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_it_answers_real_requests_and_reports_the_decoder_inside_the_total() -> None:
+    r = subprocess.run([sys.executable, "-m", "bench.inprocess", "--requests", "50", "--rounds", "2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(res["rounds_us_per_request"]) == 2
+    assert 0 < res["us_decode"] < res["us_per_request"]  # the request decodes the image, and does more
+
+
+def test_a_refused_request_fails_the_run_instead_of_being_timed() -> None:
+    r = subprocess.run([sys.executable, "-m", "bench.inprocess", "--requests", "5", "--rounds", "1",
+                        "--query", "top_k=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "/predict answered 422" in r.stderr
