@@ -63,8 +63,8 @@ def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path, ser
                 rs = list(pool.map(lambda _: httpx.post(server.url + "/predict", content=clothing_images(1)[0].read_bytes(),
                                                         headers={"Content-Type": "image/jpeg"}, timeout=30), range(2 * clients)))
             full = [x for x in rs if x.status_code == 429]
-            if full:
-                r = full[0]
+            if full:  # the quickest refusal: the others' times include this process' 128 threads taking turns
+                r = min(full, key=lambda x: x.elapsed)
                 break
         assert r is not None and int(r.headers["retry-after"]) >= 1
         assert r.json()["code"] == "queue_full"
