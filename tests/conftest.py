@@ -7,13 +7,17 @@ import os
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import http.client  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -22,6 +26,49 @@ from bench.harness import REPO, SHARED, ServerProcess, free_port, metric_sum  # 
 
 __all__ = ["REPO", "free_port", "metric_sum"]
 CLOTHING = SHARED / "datasets" / "clothing-small"
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str] = field(repr=False)
+    body: bytes = field(repr=False)
+    elapsed_s: float
+
+
+def burst(url: str, body: bytes, n: int, path: str = "/predict", content_type: str = "image/jpeg") -> list[Answer]:
+    """n requests that reach the server at once: every connection is opened first, then all are sent
+    together from threads released by one barrier, so the server sees them in flight together (an
+    httpx call per thread spends milliseconds on its own client before it sends)."""
+    parts = urlsplit(url)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    socks = [socket.create_connection((parts.hostname, parts.port), timeout=60) for _ in range(n)]
+    gate = threading.Barrier(n)
+    answers: list[Answer | None] = [None] * n
+
+    def one(i: int) -> None:
+        sock = socks[i]
+        gate.wait()
+        t = time.perf_counter()
+        sock.sendall(head + body)
+        resp = http.client.HTTPResponse(sock)
+        resp.begin()
+        data = resp.read()
+        answers[i] = Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data, time.perf_counter() - t)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    try:
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+    finally:
+        for sock in socks:
+            sock.close()
+    missing = [i for i, a in enumerate(answers) if a is None]
+    assert not missing, f"{len(missing)} of {n} requests got no answer"
+    return [a for a in answers if a is not None]
 
 
 def clothing_images(n: int, split: str = "validation") -> list[Path]:
