@@ -8,8 +8,8 @@ Serves the tiny benchmark CNN and samples its resident memory every 10 s. The so
 20 s) and then offers X times that many requests per second for the whole run with `hey` (Go, from
 Debian), paced by many workers so that it is open loop in practice: the server, not the client,
 decides what is refused. Prints/writes one JSON object with the statuses, latencies of accepted
-requests, the server's own counts, and the memory slope (least squares, MiB per minute, after the
-first minute).
+requests, the server's own counts, the memory slope (least squares, MiB per minute, after the
+first minute) and, for the overload, where the cores went during it (server, hey, idle).
 """
 
 from __future__ import annotations
@@ -18,11 +18,14 @@ import argparse
 import csv
 import io
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +82,43 @@ def open_loop(url: str, image: Path, rate: float, seconds: float, timeout_s: flo
 
 
 SHARDS = 16
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    """All and idle (idle plus iowait) jiffies of every core so far, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return sum(fields[:8]), fields[3] + fields[4]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuSplit:
+    """Where the machine's cores went between `start()` and `stop()`: the server's processes, the
+    load generator's (children of this process, reaped by then), this process, everything else, and
+    idle; in cores (CPU seconds per second of wall time)."""
+
+    def __init__(self, server_cpu: Callable[[], float]) -> None:
+        self.server_cpu = server_cpu
+
+    def start(self) -> None:
+        self.t0, self.server0, self.kids0, self.own0 = time.monotonic(), self.server_cpu(), _children_cpu(), \
+            time.process_time()
+        self.all0, self.idle0 = _machine_jiffies()
+
+    def stop(self) -> dict[str, float]:
+        wall = time.monotonic() - self.t0
+        all1, idle1 = _machine_jiffies()
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (all1 - self.all0 - (idle1 - self.idle0)) / tick / wall
+        split = {"seconds": wall, "server_cores": (self.server_cpu() - self.server0) / wall,
+                 "client_cores": (_children_cpu() - self.kids0) / wall,
+                 "bench_cores": (time.process_time() - self.own0) / wall,
+                 "idle_cores": (idle1 - self.idle0) / tick / wall, "cores": os.cpu_count() or 0}
+        split["other_cores"] = busy - split["server_cores"] - split["client_cores"] - split["bench_cores"]
+        return split
 
 
 def server_counts(url: str) -> dict[str, float]:
@@ -153,6 +193,8 @@ def main() -> int:
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     capacity = None
+    cpu: dict[str, float] | None = None
+    split = CpuSplit(server.cpu_seconds)
     before: dict[str, float] = {}
     try:
         if args.rate:
@@ -162,8 +204,10 @@ def main() -> int:
             capacity = load(server, args.images, clients, 20, "wrk")
             before = server_counts(server.url)
             image = sorted(args.images.rglob("*.jpg"))[0]
+            split.start()
             result_load = open_loop(server.url, image, args.rate * capacity["images_per_s"], args.minutes * 60,
                                     timeout_s=max(10.0, 5 * args.timeout_ms / 1000))
+            cpu = split.stop()
         else:
             out = subprocess.run([sys.executable, "-m", "bench.load", "--url", server.url, "--images",
                                   str(args.images), "--clients", str(args.clients), "--duration",
@@ -177,7 +221,8 @@ def main() -> int:
     slope, first, last, peak = _memory(samples)
     counts = {k: v - before.get(k, 0.0) for k, v in after.items()}
     result = {"started": stamp, "command": " ".join(["python -m bench.soak", *sys.argv[1:]]), "load": result_load,
-              "capacity": capacity, "server_counts": counts, "counts_match": _counts_match(result_load, counts),
+              "capacity": capacity, "cpu": cpu, "server_counts": counts,
+              "counts_match": _counts_match(result_load, counts),
               "workers": args.workers, "processes": len(per_process),
               "rss_after_warmup_mib": server.rss_after_warmup / 2**20,
               "rss_first_mib": first, "rss_last_mib": last, "rss_max_mib": peak, "rss_slope_mib_per_min": slope,
