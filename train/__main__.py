@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -83,10 +82,6 @@ def _optimize(argv: list[str]) -> int:
     return 0
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -97,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["optimize"]:
         return _optimize(argv[1:])
     args = _parser().parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so the feature cache and an unfinished version are removed
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started in the background
+    # SIGTERM unwinds like Ctrl-C at the run's next safe point, so the feature cache and an unfinished
+    # version are removed
+    from train import stopping
+
+    stopping.install()
     from train.config import from_arguments
     from train.data import DatasetError
     from train.model import WeightsUnavailable

@@ -14,7 +14,7 @@ import numpy as np
 
 from service.cpu import cpu_has_bf16
 from service.metadata import ModelMeta, Variant, VariantEval
-from train import report
+from train import report, stopping
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,11 @@ def images_per_s(predict: Callable[[np.ndarray], np.ndarray], size: tuple[int, i
 
 
 def predict_all(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 16) -> np.ndarray:
-    return np.concatenate([predict(x[i : i + batch]) for i in range(0, len(x), batch)])
+    out = []
+    for i in range(0, len(x), batch):
+        stopping.check()
+        out.append(predict(x[i : i + batch]))
+    return np.concatenate(out)
 
 
 def evaluate(probs: np.ndarray, reference: np.ndarray, y: np.ndarray, labels: list[str], speed: float) -> VariantEval:

@@ -23,7 +23,7 @@ from service import store
 from service.cpu import cpu_has_bf16
 from service.metadata import ModelMeta
 from train import data as dataset
-from train import report
+from train import report, stopping
 from train.cache import CachedArray, CachedBatches, FeatureCache
 from train.config import TrainConfig
 from train.model import (
@@ -127,6 +127,7 @@ def peak_rss_bytes() -> int:
 
 def _callbacks(patience: int) -> list[keras.callbacks.Callback]:
     return [
+        stopping.StopOnSignal(),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, patience // 2),
                                           min_lr=1e-7),
@@ -201,6 +202,7 @@ class Progress:
         self.start = self.last = time.perf_counter()
 
     def update(self, done: int) -> None:
+        stopping.check()
         now = time.perf_counter()
         if now - self.last < self.every_s and done < self.total:
             return
@@ -235,11 +237,14 @@ class Data:
             y = getattr(self, f"y_{split[:2]}")
             paths = self.test_paths if split == "test" else [Path()] * len(x)
             for i in range(0, len(x), chunk):
+                stopping.check()
                 yield x[i : i + chunk], y[i : i + chunk], paths[i : i + chunk]
             return
         parts = {"train": "train", "validation": "validation", "test": "test"}
-        yield from dataset.iter_split(getattr(self.source, parts[split]), self.size, self.size,
-                                      self.source.skipped, self.workers, chunk)
+        for part in dataset.iter_split(getattr(self.source, parts[split]), self.size, self.size,
+                                       self.source.skipped, self.workers, chunk):
+            stopping.check()
+            yield part
 
     def images(self, split: str, count: int, seed: int) -> np.ndarray:
         """A seeded sample of `count` decoded images of a split (for calibration)."""
@@ -607,6 +612,7 @@ def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data,
                                   "confused_pairs": pairs,
                                   "skipped_files": data.source.skipped, "variants": measured.get("variants", []),
                                   "markdown": variant_lines})
+        stopping.check()  # the last point before the version is renamed into place
         return measured
 
     cfg.store.mkdir(parents=True, exist_ok=True)
