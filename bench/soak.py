@@ -122,7 +122,8 @@ class CpuSplit:
 
 
 def server_counts(url: str) -> dict[str, float]:
-    """Requests by status and rejections by reason, from the service's own /metrics, keyed by series."""
+    """Requests by status, rejections by reason and images decoded, from the service's own /metrics,
+    keyed by series."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -130,7 +131,7 @@ def server_counts(url: str) -> dict[str, float]:
     for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
         for sample in family.samples:
             if sample.name in ("imgserve_http_requests_total", "imgserve_rejections_total",
-                               "imgserve_dropped_rows_total"):
+                               "imgserve_dropped_rows_total", "imgserve_decode_seconds_count"):
                 labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
                 key = f"{sample.name}{{{labels}}}"
                 out[key] = out.get(key, 0.0) + sample.value
@@ -201,7 +202,9 @@ def main() -> int:
             # capacity: as many clients as the server takes in at once (3/4 of the queue in every process,
             # so that uneven connection spreading refuses none); refusals would make it look smaller
             clients = max(4, args.queue_rows * len(per_process) * 3 // 4)
+            split.start()
             capacity = load(server, args.images, clients, 20, "wrk")
+            capacity["cpu"] = split.stop()
             before = server_counts(server.url)
             image = sorted(args.images.rglob("*.jpg"))[0]
             split.start()
