@@ -104,8 +104,8 @@ class CpuSplit:
         self.server_cpu = server_cpu
 
     def start(self) -> None:
-        self.t0, self.server0, self.kids0, self.own0 = time.monotonic(), self.server_cpu(), _children_cpu(), \
-            time.process_time()
+        self.t0 = time.monotonic()
+        self.server0, self.kids0, self.own0 = self.server_cpu(), _children_cpu(), time.process_time()
         self.all0, self.idle0 = _machine_jiffies()
 
     def stop(self) -> dict[str, float]:

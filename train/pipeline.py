@@ -231,20 +231,23 @@ class Data:
     test_paths: list[Path] = field(default_factory=list)
 
     def chunks(self, split: str, chunk: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray, list[Path]]]:
-        """(pixels, labels, paths) a chunk at a time: from the decoded arrays, or decoded on the fly."""
+        """(pixels, labels, paths) a chunk at a time: from the decoded arrays, or decoded on the fly.
+        A stop signal is acted on between chunks."""
+        for part in self._chunks(split, chunk):
+            stopping.check()
+            yield part
+
+    def _chunks(self, split: str, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[Path]]]:
         x = getattr(self, f"x_{split[:2]}")
         if x is not None:
             y = getattr(self, f"y_{split[:2]}")
             paths = self.test_paths if split == "test" else [Path()] * len(x)
             for i in range(0, len(x), chunk):
-                stopping.check()
                 yield x[i : i + chunk], y[i : i + chunk], paths[i : i + chunk]
             return
         parts = {"train": "train", "validation": "validation", "test": "test"}
-        for part in dataset.iter_split(getattr(self.source, parts[split]), self.size, self.size,
-                                       self.source.skipped, self.workers, chunk):
-            stopping.check()
-            yield part
+        yield from dataset.iter_split(getattr(self.source, parts[split]), self.size, self.size,
+                                      self.source.skipped, self.workers, chunk)
 
     def images(self, split: str, count: int, seed: int) -> np.ndarray:
         """A seeded sample of `count` decoded images of a split (for calibration)."""
