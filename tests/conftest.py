@@ -36,13 +36,20 @@ class Answer:
     elapsed_s: float
 
 
-def burst(url: str, body: bytes, n: int, path: str = "/predict", content_type: str = "image/jpeg") -> list[Answer]:
+def burst(url: str, body: bytes | list[bytes], n: int, path: str = "/predict",
+          content_type: str = "image/jpeg") -> list[Answer]:
     """n requests that reach the server at once: every connection is opened first, then all are sent
     together from threads released by one barrier, so the server sees them in flight together (an
-    httpx call per thread spends milliseconds on its own client before it sends)."""
+    httpx call per thread spends milliseconds on its own client before it sends). `body` is one body
+    for all, or one per request; answers come back in the order of the requests."""
     parts = urlsplit(url)
-    head = (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    bodies = body if isinstance(body, list) else [body] * n
+    assert len(bodies) == n, (len(bodies), n)
+
+    def request(data: bytes) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data
+
     socks = [socket.create_connection((parts.hostname, parts.port), timeout=60) for _ in range(n)]
     gate = threading.Barrier(n)
     answers: list[Answer | None] = [None] * n
@@ -51,7 +58,7 @@ def burst(url: str, body: bytes, n: int, path: str = "/predict", content_type: s
         sock = socks[i]
         gate.wait()
         t = time.perf_counter()
-        sock.sendall(head + body)
+        sock.sendall(request(bodies[i]))
         resp = http.client.HTTPResponse(sock)
         resp.begin()
         data = resp.read()
