@@ -4,12 +4,13 @@
     python -m bench.soak --minutes 5 --rate 1.5 --queue-rows 16 --timeout-ms 2000   # overload at 150%
 
 Serves the tiny benchmark CNN and samples its resident memory every 10 s. The soak drives it with
-`bench.load` (closed loop, separate process). `--rate X` first measures capacity (wrk, 64 clients,
-20 s) and then offers X times that many requests per second for the whole run with `hey` (Go, from
-Debian), paced by many workers so that it is open loop in practice: the server, not the client,
-decides what is refused. Prints/writes one JSON object with the statuses, latencies of accepted
-requests, the server's own counts, the memory slope (least squares, MiB per minute, after the
-first minute) and, for the overload, where the cores went during it (server, hey, idle).
+`bench.load` (closed loop, separate process). `--rate X` first measures capacity (wrk, 3/4 of the
+queue in clients, 20 s) and then offers X times that many requests per second for the whole run with
+h2load (`--client hey` for the older runs), paced by many connections so that it is open loop: the
+server, not the client, decides what is refused. Prints/writes one JSON object with the statuses,
+latencies of accepted requests, the server's own counts and whether they equal the client's, the
+memory slope (least squares, MiB per minute, after the first minute) and where the cores went
+(server, load generator, idle) in the capacity phase and the overload.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -33,55 +35,90 @@ import numpy as np
 from bench.harness import DEFAULT_IMAGES, REPO, rss_bytes, service_env
 from bench.runs import Server, ensure_model, load
 
+SHARDS = 16
+PER_CLIENT_RATE = {"h2load": 0.5, "hey": 1.5}
 
-def open_loop(url: str, image: Path, rate: float, seconds: float, timeout_s: float) -> dict[str, object]:
-    """`rate` requests/s for `seconds` with hey: enough workers that each sends at most 1.5/s, so a
-    worker falls behind its schedule only if an answer takes longer than 667 ms (`answered_per_s`
-    below `offered_per_s` shows by how much it did). One hey's workers all tick at the same instants,
-    which would offer the load in bursts of every worker at once; so the workers are split over
-    SHARDS hey processes whose start times are spread evenly over one tick."""
-    if not shutil.which("hey"):
-        raise SystemExit("the open-loop overload needs `hey` (apt-get install hey)")
-    workers = max(SHARDS, int(rate / 1.5) + 1)
+
+def open_loop(url: str, image: Path, rate: float, seconds: float, timeout_s: float, client: str = "h2load",
+              per_client_rate: float | None = None) -> dict[str, object]:
+    """`rate` requests/s for `seconds`, from enough connections that each sends at most `per_client_rate`
+    a second with one request in flight, so that the offer stays open loop while answers take less than
+    a tick (`answered_per_s` below `offered_per_s` shows by how much they did not).
+
+    - h2load (C, libev, Debian's nghttp2-client; the default) costs about what wrk costs a request, so
+      the overload leaves the server the share of the cores the capacity phase left it. A client that
+      falls behind its schedule sends what it owes once its answer comes. Each client sends its share
+      of `rate * seconds` and waits for the answer (at the end of a -D time h2load would close every
+      connection with a request in flight); status and time per request come from `--log-file`.
+    - hey (Go) costs about three times as much a request; a worker that falls behind skips ticks.
+
+    One process's clients tick at the same instants, which would offer the load in bursts; so they are
+    split over SHARDS processes whose starts are spread evenly over one tick."""
+    if not shutil.which(client):
+        package = {"h2load": "nghttp2-client"}.get(client, client)
+        raise SystemExit(f"the open-loop overload needs `{client}` (apt-get install {package})")
+    workers = max(SHARDS, int(rate / (per_client_rate or PER_CLIENT_RATE[client])) + 1)
     per_worker = rate / workers
     tick = 1.0 / per_worker
-    procs = []
-    for i in range(SHARDS):
-        n = workers // SHARDS + (1 if i < workers % SHARDS else 0)
-        time.sleep(tick / SHARDS if i else 0)
-        procs.append(subprocess.Popen(
-            ["hey", "-z", f"{int(seconds)}s", "-c", str(n), "-q", f"{per_worker:.3f}", "-m", "POST",
-             "-T", "image/jpeg", "-D", str(image), "-t", str(int(timeout_s)), "-o", "csv", url + "/predict"],
-            stdout=subprocess.PIPE, text=True))
-    rows = []
-    for proc in procs:
-        stdout, _ = proc.communicate()
-        if proc.returncode:
-            raise RuntimeError(f"hey exited with {proc.returncode}")
-        rows += list(csv.DictReader(io.StringIO(stdout)))
+    each = max(1, round(per_worker * seconds))
+    host = url.split("//", 1)[1]
+    rows: list[tuple[float, str, float]] = []  # (start s, status, ms)
+    errors = {"failed": 0, "errored": 0, "timeout": 0}
+    with tempfile.TemporaryDirectory(prefix="open-loop-") as tmp:
+        procs = []
+        for i in range(SHARDS):
+            n = workers // SHARDS + (1 if i < workers % SHARDS else 0)
+            time.sleep(tick / SHARDS if i else 0)
+            log = Path(tmp) / f"{i}.tsv"
+            cmd = (["h2load", "--h1", "-c", str(n), "-t", "1", "--rps", f"{per_worker:.3f}", "-n", str(n * each),
+                    "-N", str(int(timeout_s)), "-d", str(image), "-H", "content-type: image/jpeg", "-H",
+                    f"host: {host}", "--log-file", str(log), url + "/predict"] if client == "h2load" else
+                   ["hey", "-z", f"{int(seconds)}s", "-c", str(n), "-q", f"{per_worker:.3f}", "-m", "POST", "-T",
+                    "image/jpeg", "-D", str(image), "-t", str(int(timeout_s)), "-o", "csv", url + "/predict"])
+            procs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), log))
+        for proc, log in procs:
+            stdout, _ = proc.communicate()
+            if proc.returncode:
+                raise RuntimeError(f"{client} exited with {proc.returncode}: {stdout[-400:]}")
+            if client == "h2load":
+                for line in log.read_text().splitlines():
+                    start_us, code, us = line.split("\t")[:3]
+                    rows.append((int(start_us) / 1e6, code, int(us) / 1e3))
+                for key in errors:
+                    errors[key] += _h2load_count(stdout, key)
+            else:
+                body = stdout[stdout.index("response-time"):]  # hey's CSV, after any warnings
+                rows += [(float(r["offset"]), r["status-code"], float(r["response-time"]) * 1e3)
+                         for r in csv.DictReader(io.StringIO(body))]
     statuses: dict[str, int] = {}
-    ok_ms: list[float] = []
-    all_ms: list[float] = []
-    for r in rows:
-        code = r["status-code"]
+    for _, code, _ in rows:
         statuses[code] = statuses.get(code, 0) + 1
-        ms = float(r["response-time"]) * 1e3
-        all_ms.append(ms)
-        if code == "200":
-            ok_ms.append(ms)
-    span = max((float(r["offset"]) for r in rows), default=seconds)
-    lat = np.asarray(ok_ms)
-    return {"tool": f"hey x{SHARDS}, staggered", "workers": workers, "offered_per_s": rate, "answered": len(rows),
-            "answered_per_s": len(rows) / span if span else 0.0, "statuses": statuses,
-            "ok": len(ok_ms), "images_per_s": len(ok_ms) / span if span else 0.0,
-            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-            "p95_ms": float(np.percentile(lat, 95)) if len(lat) else None,
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
-            "max_ms": float(lat.max()) if len(lat) else None,
-            "p99_all_ms": float(np.percentile(all_ms, 99)) if all_ms else None}
+    ok = np.asarray([ms for _, code, ms in rows if code == "200"])
+    every = np.asarray([ms for _, _, ms in rows])
+    starts = [t for t, _, _ in rows]
+    span = (max(starts) - min(starts)) if client == "h2load" and starts else max(starts, default=seconds)
+    span = span or seconds
+
+    def pct(a: np.ndarray, q: float) -> float | None:
+        return float(np.percentile(a, q)) if len(a) else None
+
+    return {"tool": f"{client} x{SHARDS}, staggered", "workers": workers, "offered_per_s": rate,
+            "answered": len(rows), "answered_per_s": len(rows) / span, "statuses": statuses,
+            **({f"client_{k}": v for k, v in errors.items()} if client == "h2load" else {}),
+            "ok": len(ok), "images_per_s": len(ok) / span,
+            "p50_ms": pct(ok, 50), "p95_ms": pct(ok, 95), "p99_ms": pct(ok, 99),
+            "max_ms": float(ok.max()) if len(ok) else None, "p99_all_ms": pct(every, 99)}
 
 
-SHARDS = 16
+def _h2load_count(output: str, word: str) -> int:
+    """A figure of h2load's summary line `requests: 10 total, 10 started, 10 done, 9 succeeded, 1 failed, ...`."""
+    for line in output.splitlines():
+        if line.startswith("requests:"):
+            for part in line.split(":", 1)[1].split(","):
+                value, _, name = part.strip().partition(" ")
+                if name == word:
+                    return int(value)
+    return 0
 
 
 def _machine_jiffies() -> tuple[int, int]:
@@ -169,6 +206,7 @@ def main() -> int:
     p.add_argument("--queue-rows", type=int, default=256)
     p.add_argument("--timeout-ms", type=int, default=30000)
     p.add_argument("--workers", default="1", help="IMGSERVE_WORKERS of the server")
+    p.add_argument("--client", choices=("h2load", "hey"), default="h2load", help="open-loop load generator (overload)")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
     p.add_argument("--store", type=Path, default=REPO / "bench" / ".store")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -209,7 +247,7 @@ def main() -> int:
             image = sorted(args.images.rglob("*.jpg"))[0]
             split.start()
             result_load = open_loop(server.url, image, args.rate * capacity["images_per_s"], args.minutes * 60,
-                                    timeout_s=max(10.0, 5 * args.timeout_ms / 1000))
+                                    timeout_s=max(10.0, 5 * args.timeout_ms / 1000), client=args.client)
             cpu = split.stop()
         else:
             out = subprocess.run([sys.executable, "-m", "bench.load", "--url", server.url, "--images",

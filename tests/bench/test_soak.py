@@ -1,4 +1,4 @@
-"""bench.soak's account of where the cores went during an overload."""
+"""bench.soak: its account of where the cores went during an overload, and its open-loop load generators."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bench.harness import cpu_seconds
-from bench.soak import CpuSplit
+from bench.soak import CpuSplit, _h2load_count, open_loop
+from tests.conftest import LiveServer, clothing_images
 
 
 def test_cpu_split_tells_server_from_client() -> None:
@@ -28,3 +31,30 @@ def test_cpu_split_tells_server_from_client() -> None:
     assert out["server_cores"] > 0.3, out
     total = out["server_cores"] + out["client_cores"] + out["bench_cores"] + out["other_cores"] + out["idle_cores"]
     assert abs(total - out["cores"]) < 0.25 * out["cores"], out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", ["h2load", "hey"])
+def test_open_loop_offers_the_rate_and_reads_every_answer(live: LiveServer, client: str) -> None:
+    """Both load generators, against a real server: the rate offered is the rate answered (well under
+    capacity nobody falls behind), every answer is read back with its status and time, and the server
+    counted as many requests as the client reports."""
+    image = clothing_images(1)[0]
+    before = live.metric("imgserve_http_requests_total", handler="/predict")
+    result = open_loop(live.url, image, rate=40, seconds=4, timeout_s=10, client=client)
+    served = live.metric("imgserve_http_requests_total", handler="/predict") - before
+    assert result["statuses"] == {"200": result["answered"]}, result
+    assert served == result["answered"], (served, result)
+    assert 0.6 * 40 < result["answered_per_s"] < 1.6 * 40, result  # type: ignore[operator]
+    assert result["p50_ms"] is not None and 0 < result["p50_ms"] < 5000, result  # type: ignore[operator]
+    if client == "h2load":  # a count per connection: exactly that many were sent and answered
+        each = max(1, round(40 / result["workers"] * 4))  # type: ignore[operator]
+        assert result["answered"] == result["workers"] * each, result  # type: ignore[operator]
+        assert result["client_errored"] == result["client_timeout"] == 0, result
+
+
+def test_h2load_summary_is_read() -> None:
+    out = ("finished in 3.00s, 52.00 req/s, 34.96KB/s\n"
+           "requests: 260 total, 260 started, 258 done, 250 succeeded, 8 failed, 2 errored, 1 timeout\n"
+           "status codes: 250 2xx, 0 3xx, 8 4xx, 0 5xx\n")
+    assert [_h2load_count(out, k) for k in ("done", "failed", "errored", "timeout", "missing")] == [258, 8, 2, 1, 0]
