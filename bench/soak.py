@@ -121,10 +121,11 @@ def _h2load_count(output: str, word: str) -> int:
     return 0
 
 
-def _machine_jiffies() -> tuple[int, int]:
-    """All and idle (idle plus iowait) jiffies of every core so far, from /proc/stat."""
+def _machine_jiffies() -> tuple[int, int, int]:
+    """All, idle (idle plus iowait) and stolen (by the hypervisor, for other guests) jiffies of every
+    core so far, from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return sum(fields[:8]), fields[3] + fields[4]
+    return sum(fields[:8]), fields[3] + fields[4], fields[7]
 
 
 def _children_cpu() -> float:
@@ -134,8 +135,9 @@ def _children_cpu() -> float:
 
 class CpuSplit:
     """Where the machine's cores went between `start()` and `stop()`: the server's processes, the
-    load generator's (children of this process, reaped by then), this process, everything else, and
-    idle; in cores (CPU seconds per second of wall time)."""
+    load generator's (children of this process, reaped by then), this process, time the hypervisor
+    stole for other guests (a shared virtual machine), everything else, and idle; in cores (CPU
+    seconds per second of wall time)."""
 
     def __init__(self, server_cpu: Callable[[], float]) -> None:
         self.server_cpu = server_cpu
@@ -143,17 +145,19 @@ class CpuSplit:
     def start(self) -> None:
         self.t0 = time.monotonic()
         self.server0, self.kids0, self.own0 = self.server_cpu(), _children_cpu(), time.process_time()
-        self.all0, self.idle0 = _machine_jiffies()
+        self.all0, self.idle0, self.steal0 = _machine_jiffies()
 
     def stop(self) -> dict[str, float]:
         wall = time.monotonic() - self.t0
-        all1, idle1 = _machine_jiffies()
+        all1, idle1, steal1 = _machine_jiffies()
         tick = os.sysconf("SC_CLK_TCK")
-        busy = (all1 - self.all0 - (idle1 - self.idle0)) / tick / wall
+        stolen = (steal1 - self.steal0) / tick / wall
+        busy = (all1 - self.all0 - (idle1 - self.idle0)) / tick / wall - stolen
         split = {"seconds": wall, "server_cores": (self.server_cpu() - self.server0) / wall,
                  "client_cores": (_children_cpu() - self.kids0) / wall,
                  "bench_cores": (time.process_time() - self.own0) / wall,
-                 "idle_cores": (idle1 - self.idle0) / tick / wall, "cores": os.cpu_count() or 0}
+                 "idle_cores": (idle1 - self.idle0) / tick / wall, "stolen_cores": stolen,
+                 "cores": os.cpu_count() or 0}
         split["other_cores"] = busy - split["server_cores"] - split["client_cores"] - split["bench_cores"]
         return split
 
