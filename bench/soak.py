@@ -96,8 +96,7 @@ def open_loop(url: str, image: Path, rate: float, seconds: float, timeout_s: flo
     ok = np.asarray([ms for _, code, ms in rows if code == "200"])
     every = np.asarray([ms for _, _, ms in rows])
     starts = [t for t, _, _ in rows]
-    span = (max(starts) - min(starts)) if client == "h2load" and starts else max(starts, default=seconds)
-    span = span or seconds
+    span = (max(starts) - min(starts) if starts else 0.0) or seconds
 
     def pct(a: np.ndarray, q: float) -> float | None:
         return float(np.percentile(a, q)) if len(a) else None
@@ -194,12 +193,17 @@ def _counts_match(load: dict[str, object], counts: dict[str, float]) -> bool | N
     statuses = load.get("statuses")
     if not isinstance(statuses, dict):
         return None
+    return {k: float(v) for k, v in statuses.items() if v} == served_by_status(counts)
+
+
+def served_by_status(counts: dict[str, float]) -> dict[str, float]:
+    """The server's answers to /predict by status code (as text), from `server_counts` (or a difference of two)."""
     server: dict[str, float] = {}
     for key, value in counts.items():
         if key.startswith("imgserve_http_requests_total{") and 'handler="/predict"' in key and value:
             code = key.split('status="')[1].split('"')[0]
             server[code] = server.get(code, 0.0) + value
-    return {k: float(v) for k, v in statuses.items() if v} == server
+    return server
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from bench.runs import wrk
-from bench.soak import open_loop, server_counts
+from bench.soak import open_loop, served_by_status, server_counts
 from service.settings import Settings
 from tests.conftest import LiveServer, Trained, burst, clone_version, clothing_images, served_everywhere, start_server
 from tests.e2e.test_server import Load, wait_for
@@ -48,8 +48,7 @@ def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path, ser
         assert result["p99_ms"] < deadline_ms + 500, result  # accepted requests are answered within the deadline
         # every request the server answered reached the client, with the status the server counted
         # (h2load waits for its last answers), and the client saw no reset or timeout
-        served = {k.split('status="')[1].split('"')[0]: v for k, v in counted.items()
-                  if k.startswith("imgserve_http_requests_total{") and 'handler="/predict"' in k and v}
+        served = served_by_status(counted)
         assert served == {str(k): v for k, v in statuses.items()}, (served, statuses)
         assert result["client_errored"] == result["client_timeout"] == 0, result
         # over the limit is answered at once, with Retry-After, before the body is read: a burst of twice

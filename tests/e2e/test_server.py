@@ -70,7 +70,6 @@ def test_concurrent_requests_are_answered_correctly(live: LiveServer, trained: T
     assert [p["top"][0]["index"] for p in r.json()["predictions"]] == list(expected[:5].argmax(axis=1))
 
 
-
 def test_requests_within_the_delay_share_a_batch(trained: Trained, tmp_path: Path) -> None:
     """Without the inline run and the idle flush, a batch waits up to its delay for the rows that arrive
     meanwhile: 24 requests sent together are run in batches of several, and each answer is still its own."""
