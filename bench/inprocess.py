@@ -2,6 +2,8 @@
 
     python -m bench.inprocess                            # this checkout
     python -m bench.inprocess --code /tmp/before         # another checkout of this project, same venv
+    python -m bench.inprocess --size 224                 # a VGG16-sized input (the photo is scaled down)
+    python -m bench.inprocess --size 224 --presized      # the client sent a JPEG already at 224x224
 
 The app is driven through ASGI directly, one request at a time, with a model that costs nothing (it
 answers a fixed row), so the figure is what the HTTP framework, the pipeline and the decoder cost the
@@ -41,7 +43,7 @@ class NoModel:
         return np.tile(self.row, (len(images), 1))
 
 
-async def measure(image: bytes, requests: int, rounds: int, query: bytes) -> dict[str, Any]:
+async def measure(image: bytes, requests: int, rounds: int, query: bytes, size: int = 64) -> dict[str, Any]:
     from service.app import create_app
     from service.imaging import decode_image
     from service.metadata import ModelMeta
@@ -54,7 +56,7 @@ async def measure(image: bytes, requests: int, rounds: int, query: bytes) -> dic
             (folder / "saved_model.pb").write_bytes(b"none")
 
         labels = [f"class-{i}" for i in range(10)]
-        publish(store, "m", write, ModelMeta.create(labels=labels, size=(64, 64), backbone="none"))
+        publish(store, "m", write, ModelMeta.create(labels=labels, size=(size, size), backbone="none"))
         app = create_app(Settings(model_store=store, log_level="WARNING"), loader=lambda p, m: NoModel(m))
         headers = [(b"host", b"bench"), (b"content-type", b"image/jpeg"),
                    (b"content-length", str(len(image)).encode())]
@@ -98,7 +100,7 @@ async def measure(image: bytes, requests: int, rounds: int, query: bytes) -> dic
                 per_request.append((time.thread_time() - t) / requests * 1e6)
                 t = time.thread_time()
                 for _ in range(requests):
-                    decode_image(image, 64, 64)
+                    decode_image(image, size, size)
                 decode.append((time.thread_time() - t) / requests * 1e6)
     return {"us_per_request": statistics.median(per_request), "us_decode": statistics.median(decode),
             "rounds_us_per_request": per_request, "rounds_us_decode": decode}
@@ -111,6 +113,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--query", default="top_k=5")
     p.add_argument("--images", type=Path, default=DEFAULT_IMAGES)
+    p.add_argument("--size", type=int, default=64, help="the model's input height and width")
+    p.add_argument("--presized", action="store_true",
+                   help="send the photo re-encoded at --size x --size (JPEG quality 90), as a client that resizes")
     args = p.parse_args()
     if args.code is not None:  # its service package, not ours
         sys.path.insert(0, str(args.code.resolve()))
@@ -118,8 +123,16 @@ def main() -> int:
             del sys.modules[name]
     os.environ.setdefault("IMGSERVE_LOG_LEVEL", "WARNING")
     image = sorted(args.images.rglob("*.jpg"))[0]
-    res = asyncio.run(measure(image.read_bytes(), args.requests, args.rounds, args.query.encode()))
-    res.update(code=str((args.code or Path(".")).resolve()), image=str(image), requests=args.requests)
+    body = image.read_bytes()
+    if args.presized:
+        import cv2
+
+        pixels = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+        small = cv2.resize(pixels, (args.size, args.size), interpolation=cv2.INTER_AREA)
+        body = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+    res = asyncio.run(measure(body, args.requests, args.rounds, args.query.encode(), args.size))
+    res.update(code=str((args.code or Path(".")).resolve()), image=str(image), requests=args.requests,
+               size=args.size, presized=args.presized, body_bytes=len(body))
     print(f"{res['us_per_request']:.0f} us of event-loop CPU a request ({res['us_decode']:.0f} us of it the "
           f"decoder's), median of {args.rounds} rounds of {args.requests}: {res['code']}")
     print(json.dumps(res))

@@ -178,6 +178,23 @@ def server_counts(url: str) -> dict[str, float]:
     return out
 
 
+def settled_counts(url: str, timeout_s: float = 10.0, pause_s: float = 0.25) -> dict[str, float]:
+    """`server_counts` once two reads `pause_s` apart agree: a load generator that stops on a clock
+    (wrk) leaves requests in the server that are counted after it returns."""
+    def others(counts: dict[str, float]) -> dict[str, float]:  # each read counts itself
+        return {k: v for k, v in counts.items() if 'handler="/metrics"' not in k}
+
+    last = server_counts(url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(pause_s)
+        now = server_counts(url)
+        if others(now) == others(last):
+            return now
+        last = now
+    return last
+
+
 def _memory(samples: list[tuple[float, int]]) -> tuple[float | None, float | None, float | None, float | None]:
     """(slope MiB/min by least squares after the first minute, first, last, max MiB)."""
     xs = np.array([s for s, _ in samples if s >= 60]) / 60
@@ -251,7 +268,7 @@ def main() -> int:
             split.start()
             capacity = load(server, args.images, clients, 20, "wrk")
             capacity["cpu"] = split.stop()
-            before = server_counts(server.url)
+            before = settled_counts(server.url)
             image = sorted(args.images.rglob("*.jpg"))[0]
             split.start()
             result_load = open_loop(server.url, image, args.rate * capacity["images_per_s"], args.minutes * 60,
@@ -263,7 +280,7 @@ def main() -> int:
                                   str(args.minutes * 60), "--timeout", "60"], cwd=REPO, env=service_env(),
                                  capture_output=True, text=True, check=True)
             result_load = json.loads(out.stdout.strip().splitlines()[-1])
-        after = server_counts(server.url)
+        after = settled_counts(server.url)
     finally:
         done.set()
         server.stop()

@@ -210,7 +210,11 @@ class FeatureCache:
             logger.info("feature cache kept: %s (%.1f MiB)", self.root, size / 2**20)
         else:
             shutil.rmtree(self.root, ignore_errors=True)
-            logger.info("feature cache removed: %s (%.1f MiB)", self.root, size / 2**20)
+            if complete:
+                logger.info("feature cache removed: %s (%.1f MiB)", self.root, size / 2**20)
+            else:  # the array being written was already dropped, so the size would read 0
+                logger.info("feature cache removed: %s (the run stopped before the cache was complete)",
+                            self.root)
 
     def __enter__(self) -> FeatureCache:
         return self

@@ -22,3 +22,14 @@ def test_a_refused_request_fails_the_run_instead_of_being_timed() -> None:
     r = subprocess.run([sys.executable, "-m", "bench.inprocess", "--requests", "5", "--rounds", "1",
                         "--query", "top_k=0"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "/predict answered 422" in r.stderr
+
+
+def test_a_presized_body_is_sent_at_the_model_size_and_answered() -> None:
+    r = subprocess.run([sys.executable, "-m", "bench.inprocess", "--requests", "20", "--rounds", "1",
+                        "--size", "224", "--presized"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    image = (REPO / res["image"]).read_bytes()  # an absolute path stays as it is
+    assert res["size"] == 224 and res["presized"] is True
+    assert 0 < res["body_bytes"] < len(image)  # re-encoded smaller than the photo it came from
+    assert 0 < res["us_decode"] < res["us_per_request"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from bench.harness import cpu_seconds
-from bench.soak import CpuSplit, _h2load_count, open_loop
+from bench.soak import CpuSplit, _h2load_count, open_loop, settled_counts
 from tests.conftest import LiveServer, clothing_images
 
 
@@ -60,3 +62,34 @@ def test_h2load_summary_is_read() -> None:
            "requests: 260 total, 260 started, 258 done, 250 succeeded, 8 failed, 2 errored, 1 timeout\n"
            "status codes: 250 2xx, 0 3xx, 8 4xx, 0 5xx\n")
     assert [_h2load_count(out, k) for k in ("done", "failed", "errored", "timeout", "missing")] == [258, 8, 2, 1, 0]
+
+
+def test_settled_counts_waits_for_requests_still_in_the_server() -> None:
+    """A server still finishing requests (its /predict count rises on the first reads) is read again until
+    two reads agree; its count of /metrics scrapes, which every read moves, does not hold that up."""
+    reads = []
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+            reads.append(1)
+            done = min(len(reads), 4)  # 1, 2, 3, 4, 4, ...
+            body = (f'imgserve_http_requests_total{{handler="/predict",method="POST",status="200"}} {done}\n'
+                    f'imgserve_http_requests_total{{handler="/metrics",method="GET",status="200"}} {len(reads)}\n')
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        counts = settled_counts(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=10, pause_s=0.01)
+    finally:
+        server.shutdown()
+        server.server_close()
+    key = 'imgserve_http_requests_total{handler="/predict",method="POST",status="200"}'
+    assert counts[key] == 4, counts
+    assert len(reads) == 5, reads  # 4 rising reads, then one that agrees

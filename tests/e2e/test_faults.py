@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from bench.runs import wrk
-from bench.soak import open_loop, served_by_status, server_counts
+from bench.soak import open_loop, served_by_status, settled_counts
 from service.settings import Settings
 from tests.conftest import LiveServer, Trained, burst, clone_version, clothing_images, served_everywhere, start_server
 from tests.e2e.test_server import Load, wait_for
@@ -39,9 +39,9 @@ def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path, ser
         rss_before = server.rss()
         image = clothing_images(1)[0]
         capacity = wrk(server.url, image, 32, 5)["images_per_s"]
-        before = server_counts(server.url)
+        before = settled_counts(server.url)  # wrk's last requests are counted after it returns
         result = open_loop(server.url, image, 1.5 * capacity, OVERLOAD_S, timeout_s=30)
-        counted = {k: v - before.get(k, 0.0) for k, v in server_counts(server.url).items()}
+        counted = {k: v - before.get(k, 0.0) for k, v in settled_counts(server.url).items()}
         statuses = {int(k): v for k, v in result["statuses"].items()}  # type: ignore[union-attr]
         assert set(statuses) <= {200, 429, 504}, statuses
         assert statuses.get(429, 0) > 0, f"150% of {capacity:.0f}/s against a 16-row queue must overflow it"

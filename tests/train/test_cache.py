@@ -187,6 +187,7 @@ def test_an_interrupted_run_leaves_no_cache_and_no_version(tmp_path: Path, cloth
     text = log.read_text()
     assert code != 0, text[-2000:]
     assert "feature cache removed" in text and "nothing was published" in text
+    assert "stopped before the cache was complete" in text and "(0.0 MiB)" not in text
     assert list(cache_dir.iterdir()) == []  # no folder, no half-written array
     assert _store_is_empty(store), list(store.rglob("*"))  # no version, no hidden temporary folder
 
