@@ -57,7 +57,8 @@ class ServedVersion:
 
 
 def time_single(runtime: Runtime, runs: int = 5) -> float:
-    """The median time of a batch of one, after warm-up: whether a lone row may run inline."""
+    """The median time of a batch of one, after warm-up: whether a lone row may run inline, and whether
+    the model is costly beside the batch delay (`Batcher.costly`)."""
     h, w = runtime.meta.input.height, runtime.meta.input.width
     image = np.zeros((1, h, w, 3), np.uint8)
     times = []
@@ -76,7 +77,7 @@ async def load_version(name: str, version: int, path: Path, loader: Loader, defa
     cfg = defaults.with_overrides(meta.batching, warmup_given)
     runtime = await asyncio.to_thread(loader, path, meta)
     warm = await asyncio.to_thread(warmup, runtime, cfg.warmup_sizes, cfg.batches_in_flight)
-    single = await asyncio.to_thread(time_single, runtime) if cfg.inline_run_max_ms > 0 else None
+    single = await asyncio.to_thread(time_single, runtime)  # inline runs, and batching a costly model
     seconds = time.perf_counter() - t0
 
     def run(rows: list[np.ndarray]) -> np.ndarray:
@@ -97,8 +98,11 @@ async def load_version(name: str, version: int, path: Path, loader: Loader, defa
     metrics.model_load_seconds.labels(name, str(version)).set(seconds)
     metrics.queue_capacity.labels(name, str(version)).set(cfg.max_queue_rows)
     logger.info("loaded %s version %d (%d classes, input %dx%d, runtime %s %s) in %.1fs of which warm-up %.1fs "
-                "at batch sizes %s%s; batching %s", name, version, meta.num_classes, meta.input.height,
-                meta.input.width, runtime.runtime, runtime.precision, seconds, warm, list(cfg.warmup_sizes),
+                "at batch sizes %s%s; batching %s; a batch of one takes %.1f ms%s", name, version, meta.num_classes,
+                meta.input.height, meta.input.width, runtime.runtime, runtime.precision, seconds, warm,
+                list(cfg.warmup_sizes),
                 f" (the largest {cfg.batches_in_flight} at once)" if cfg.batches_in_flight > 1 else "",
-                "from model.json" if meta.batching else "defaults")
+                "from model.json" if meta.batching else "defaults", single * 1e3,
+                f", more than the {cfg.max_batch_delay_ms:g}-ms delay: batched for efficiency"
+                if batcher.costly else "")
     return ServedVersion(name, version, meta, runtime, batcher, cfg)

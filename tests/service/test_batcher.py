@@ -112,7 +112,7 @@ async def test_waits_for_delay_counted_from_oldest_row(model: RecordingModel, cl
 
 
 async def test_rows_accumulate_while_model_is_busy(model: RecordingModel, clock: FakeClock) -> None:
-    b = make(model, clock, max_batch_size=8, max_delay_s=0.005)
+    b = make(model, clock, max_batch_size=8, max_delay_s=0.005, single_run_s=0.001)  # cheap beside the delay
     model.gate = threading.Event()
     f1 = b.submit([1])
     await clock.advance(0.005)
@@ -346,4 +346,120 @@ async def test_single_run_time_follows_batches_of_one(model: RecordingModel, clo
     await wait_done(b.submit([1]))
     assert b.single_run_s == 0.0  # the fake clock did not move while it ran
     assert b.run_inline(2) is not None
+    await b.stop(1)
+
+
+def costly(model: RecordingModel, clock: FakeClock, **kw: object) -> Batcher[int, int]:
+    """A model whose batch of one (50 ms) costs more than the 10-ms delay, as VGG16 on a CPU."""
+    args: dict[str, object] = {"max_batch_size": 4, "max_delay_s": 0.010, "max_queue_rows": 16,
+                               "single_run_s": 0.050, **kw}
+    b: Batcher[int, int] = Batcher(model, clock=clock, **args)  # type: ignore[arg-type]
+    b.start()
+    return b
+
+
+async def test_only_a_model_dearer_than_a_nonzero_delay_is_costly(model: RecordingModel, clock: FakeClock) -> None:
+    assert costly(model, clock).costly
+    assert not costly(model, clock, single_run_s=0.001).costly  # cheaper than the delay
+    assert not costly(model, clock, single_run_s=None).costly  # never timed
+    assert not costly(model, clock, max_delay_s=0.0).costly  # the operator asked for no waiting
+
+
+async def test_a_costly_model_counts_the_delay_from_when_it_became_free(model: RecordingModel,
+                                                                        clock: FakeClock) -> None:
+    b = costly(model, clock)
+    model.gate = threading.Event()
+    first = b.submit([1])
+    await clock.advance(0.010)
+    await wait_for(lambda: model.batches == [[1]])
+    later = b.submit([2, 3])
+    await clock.advance(0.020)  # overdue, but the model is busy
+    model.gate.set()
+    await wait_done(first)
+    await settle()
+    assert model.batches == [[1]]  # the answer just went out: its caller may come back within the delay
+    await clock.advance(0.009)
+    assert model.batches == [[1]]
+    await clock.advance(0.001)  # the delay, counted from the end of the batch
+    await wait_done(later)
+    assert model.batches == [[1], [2, 3]]
+    await b.stop(1)
+
+
+async def test_a_costly_model_waits_for_rows_on_their_way_up_to_one_batch_of_one(model: RecordingModel,
+                                                                                 clock: FakeClock) -> None:
+    b = costly(model, clock)
+    with b.incoming():
+        first = b.submit([1])
+        await clock.advance(0.049)  # far past the delay, but a row is decoding
+        assert model.batches == []
+        await clock.advance(0.001)  # one batch of one: no longer
+        await wait_done(first)
+    assert model.batches == [[1]]
+    with b.incoming():
+        second = b.submit([2])
+        await clock.advance(0.020)
+        assert model.batches == [[1]]
+    await wait_done(second)  # nothing on its way any more and past the delay: at once
+    assert model.batches == [[1], [2]]
+    await b.stop(1)
+
+
+async def test_a_costly_partial_batch_does_not_start_beside_a_running_one(model: RecordingModel,
+                                                                          clock: FakeClock) -> None:
+    b = costly(model, clock, batches_in_flight=2)
+    model.gate = threading.Event()
+    full = b.submit([1, 2, 3, 4, 5, 6, 7, 8])  # more than a batch: two full ones, which may run side by side
+    await wait_for(lambda: len(model.batches) == 2)
+    assert model.batches == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    lone = b.submit([9])
+    await clock.advance(1.0)
+    await asyncio.sleep(0.02)
+    assert model.batches == [[1, 2, 3, 4], [5, 6, 7, 8]]  # a slot is free, yet it waits for the cores
+    model.gate.set()
+    await wait_done(full)
+    await clock.advance(0.010)
+    await wait_done(lone)
+    assert model.batches[2:] == [[9]]
+    await b.stop(1)
+
+
+async def test_a_costly_model_splits_the_rows_into_two_batches_that_start_together(model: RecordingModel,
+                                                                                    clock: FakeClock) -> None:
+    b = costly(model, clock, max_batch_size=8, batches_in_flight=2)
+    model.gate = threading.Event()
+    futs = b.submit([1, 2, 3]) + b.submit([4, 5])
+    await clock.advance(0.010)
+    await wait_for(lambda: len(model.batches) == 2)  # both halves inside the model at once
+    assert model.batches == [[1, 2, 3], [4, 5]]
+    assert b.running_rows == 5
+    model.gate.set()
+    await wait_done(futs)
+    assert [f.result().value for f in futs] == [2, 4, 6, 8, 10]
+    assert [f.result().batch_size for f in futs] == [3, 3, 3, 2, 2]
+    one_slot = costly(RecordingModel(), clock, max_batch_size=8)
+    assert [f.result().batch_size for f in await _run_all(one_slot, clock, [1, 2, 3, 4, 5])] == [5] * 5
+    await b.stop(1)
+    await one_slot.stop(1)
+
+
+async def _run_all(b: Batcher[int, int], clock: FakeClock, items: list[int]) -> list[asyncio.Future[object]]:
+    futs = b.submit(items)
+    await clock.advance(0.010)
+    await wait_done(futs)  # type: ignore[arg-type]
+    return futs  # type: ignore[return-value]
+
+
+async def test_a_costly_model_turns_idle_once_no_answer_went_out_within_the_delay(model: RecordingModel,
+                                                                                  clock: FakeClock) -> None:
+    b = costly(model, clock, flush_when_idle=True)
+    await wait_done(b.submit([1]))  # idle for ever before it: at once, the clock never moved
+    assert model.batches == [[1]]
+    await settle()
+    second = b.submit([2])  # an answer went out just now: another caller may be on its way back
+    await clock.advance(0.009)
+    assert model.batches == [[1]]
+    await clock.advance(0.0011)  # (not 0.001: 0.009 + 0.001 < 0.010 in floating point)
+    await wait_done(second)
+    assert model.batches == [[1], [2]]
     await b.stop(1)
