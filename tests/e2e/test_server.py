@@ -93,6 +93,29 @@ def test_requests_within_the_delay_share_a_batch(trained: Trained, tmp_path: Pat
         server.stop()
 
 
+def test_a_model_costlier_than_the_delay_is_batched_for_efficiency_and_answers_stay_its_own(
+        trained: Trained, tmp_path: Path) -> None:
+    """With a delay shorter than the model's batch of one, the batcher's costly mode (delay from when the
+    model is free, no partial batch beside a running one, split halves) serves a burst: every row once,
+    each answer its own."""
+    server = start_server(trained.store, tmp_path, IMGSERVE_INLINE_RUN_MAX_MS="0", IMGSERVE_MAX_BATCH_DELAY_MS="0.02",
+                          IMGSERVE_BATCHES_IN_FLIGHT="2", IMGSERVE_MAX_BATCH_SIZE="8")
+    try:
+        assert "batched for efficiency" in server.logs(), server.logs()[-2000:]
+        images = clothing_images(24)
+        expected = served_runtime(trained).predict(
+            np.stack([load_image(p, trained.height, trained.width) for p in images]))
+        for _ in range(2):
+            answers = burst(server.url, [p.read_bytes() for p in images], len(images), path="/predict?top_k=1")
+            for a, want in zip(answers, expected, strict=True):
+                assert a.status == 200, a.body
+                assert json.loads(a.body)["predictions"][0]["top"][0]["index"] == int(want.argmax())
+        assert server.metric("imgserve_batch_size_sum") == 2 * len(images)  # every row ran once
+        assert server.metric("imgserve_batches_total", reason="inline") == 0
+    finally:
+        server.stop()
+
+
 class Load:
     """Closed-loop load from a few threads until the block ends, bounded in count and time (so that a fast
     machine does not run out of requests before a test's last check); records every answer."""
