@@ -283,25 +283,14 @@ class Batcher(Generic[T, R]):
             if self._stopping:
                 reason = "drain"
                 break
-            if self.costly:
-                closes = self._costly_close()
-                if closes is None:  # a batch is running: wait for it to end
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                reason, remaining = closes
-                if reason:
-                    break
-            else:
-                if self.flush_when_idle and self._incoming == 0 and self.running_rows == 0:
-                    reason = "idle"
-                    break
-                remaining = oldest + self.max_delay_s - self._clock.now()
-                if remaining <= 0:
-                    reason = "delay"
-                    break
+            reason, remaining = self._closing(oldest)
+            if reason:
+                break
             self._wakeup.clear()
-            await self._clock.wait(self._wakeup, remaining)
+            if remaining is None:
+                await self._wakeup.wait()
+            else:
+                await self._clock.wait(self._wakeup, remaining)
         take = min(self.max_batch_size, len(self._pending))
         if (rest_of is None and self.costly and self.batches_in_flight > 1 and not self.running_rows
                 and reason != "drain" and 2 <= len(self._pending) <= self.max_batch_size):
@@ -311,20 +300,24 @@ class Batcher(Generic[T, R]):
         self._report_depth()
         return batch, reason
 
-    def _costly_close(self) -> tuple[str, float] | None:
-        """For a costly model: None while a batch runs, else (reason to close now or "", seconds to wait)."""
-        if self.running_rows:
-            return None
+    def _closing(self, oldest: float) -> tuple[str, float | None]:
+        """Why the forming batch closes now ("" if not yet) and else how long to wait (None: until woken)."""
+        costly = self.costly
+        if costly and self.running_rows:
+            return "", None  # the cores are busy: wait for the running batch to end
         now = self._clock.now()
-        free_since = max(self._pending[0].enqueued, self._freed_at)
-        if self.flush_when_idle and self._incoming == 0 and now >= self._freed_at + self.max_delay_s:
-            return "idle", 0.0  # nothing is on its way, and no answer went out within the delay
-        stretch = max(self.max_delay_s, self.single_run_s or 0.0) if self._incoming else self.max_delay_s
-        remaining = free_since + stretch - now
+        coming = self._incoming > 0
+        # a costly model's delay counts from when it became free: the answers that went out bring rows back
+        idle_at = self._freed_at + self.max_delay_s if costly else now
+        if self.flush_when_idle and not coming and not self.running_rows and now >= idle_at:
+            return "idle", 0.0
+        start = max(oldest, self._freed_at) if costly else oldest
+        wait = max(self.max_delay_s, self.single_run_s or 0.0) if costly and coming else self.max_delay_s
+        remaining = start + wait - now
         if remaining <= 0:
             return "delay", 0.0
-        if self.flush_when_idle and self._incoming == 0:  # wake when it turns idle
-            remaining = min(remaining, self._freed_at + self.max_delay_s - now)
+        if costly and self.flush_when_idle and not coming:  # wake when it turns idle
+            remaining = min(remaining, idle_at - now)
         return "", remaining
 
     async def _run_in_slot(self, rows: list[_Row[T]], reason: str, slots: asyncio.Semaphore) -> None:

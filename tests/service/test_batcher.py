@@ -73,7 +73,7 @@ def model() -> RecordingModel:
     return RecordingModel()
 
 
-def make(model: RecordingModel, clock: FakeClock, **kw: float) -> Batcher[int, int]:
+def make(model: RecordingModel, clock: FakeClock, **kw: object) -> Batcher[int, int]:
     args = {"max_batch_size": 4, "max_delay_s": 0.010, "max_queue_rows": 16, **kw}
     b: Batcher[int, int] = Batcher(model, clock=clock, **args)  # type: ignore[arg-type]
     b.start()
@@ -351,11 +351,7 @@ async def test_single_run_time_follows_batches_of_one(model: RecordingModel, clo
 
 def costly(model: RecordingModel, clock: FakeClock, **kw: object) -> Batcher[int, int]:
     """A model whose batch of one (50 ms) costs more than the 10-ms delay, as VGG16 on a CPU."""
-    args: dict[str, object] = {"max_batch_size": 4, "max_delay_s": 0.010, "max_queue_rows": 16,
-                               "single_run_s": 0.050, **kw}
-    b: Batcher[int, int] = Batcher(model, clock=clock, **args)  # type: ignore[arg-type]
-    b.start()
-    return b
+    return make(model, clock, **{"single_run_s": 0.050, **kw})
 
 
 async def test_only_a_model_dearer_than_a_nonzero_delay_is_costly(model: RecordingModel, clock: FakeClock) -> None:
