@@ -4,6 +4,7 @@
     python -m bench.inprocess --code /tmp/before         # another checkout of this project, same venv
     python -m bench.inprocess --size 224                 # a VGG16-sized input (the photo is scaled down)
     python -m bench.inprocess --size 224 --presized      # the client sent a JPEG already at 224x224
+    python -m bench.inprocess --multipart                # the photo as a multipart part named `file`
 
 The app is driven through ASGI directly, one request at a time, with a model that costs nothing (it
 answers a fixed row), so the figure is what the HTTP framework, the pipeline and the decoder cost the
@@ -43,7 +44,19 @@ class NoModel:
         return np.tile(self.row, (len(images), 1))
 
 
-async def measure(image: bytes, requests: int, rounds: int, query: bytes, size: int = 64) -> dict[str, Any]:
+BOUNDARY = b"bench0b0undary7f3c1a"
+
+
+def multipart(image: bytes, filename: str) -> tuple[bytes, bytes]:
+    """(body, content type) of an upload as browsers and HTTP clients send it: one part named `file`."""
+    body = (b"--" + BOUNDARY + b"\r\n"
+            b'Content-Disposition: form-data; name="file"; filename="' + filename.encode() + b'"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n" + image + b"\r\n--" + BOUNDARY + b"--\r\n")
+    return body, b"multipart/form-data; boundary=" + BOUNDARY
+
+
+async def measure(image: bytes, requests: int, rounds: int, query: bytes, size: int = 64,
+                  as_multipart: bool = False) -> dict[str, Any]:
     from service.app import create_app
     from service.imaging import decode_image
     from service.metadata import ModelMeta
@@ -58,8 +71,8 @@ async def measure(image: bytes, requests: int, rounds: int, query: bytes, size: 
         labels = [f"class-{i}" for i in range(10)]
         publish(store, "m", write, ModelMeta.create(labels=labels, size=(size, size), backbone="none"))
         app = create_app(Settings(model_store=store, log_level="WARNING"), loader=lambda p, m: NoModel(m))
-        headers = [(b"host", b"bench"), (b"content-type", b"image/jpeg"),
-                   (b"content-length", str(len(image)).encode())]
+        body, ctype = multipart(image, "photo.jpg") if as_multipart else (image, b"image/jpeg")
+        headers = [(b"host", b"bench"), (b"content-type", ctype), (b"content-length", str(len(body)).encode())]
 
         async def one() -> None:
             sent: list[dict[str, Any]] = []
@@ -69,7 +82,7 @@ async def measure(image: bytes, requests: int, rounds: int, query: bytes, size: 
                 nonlocal delivered
                 if not delivered:
                     delivered = True
-                    return {"type": "http.request", "body": image, "more_body": False}
+                    return {"type": "http.request", "body": body, "more_body": False}
                 await asyncio.Event().wait()  # the client never goes away
                 return {}
 
@@ -116,6 +129,7 @@ def main() -> int:
     p.add_argument("--size", type=int, default=64, help="the model's input height and width")
     p.add_argument("--presized", action="store_true",
                    help="send the photo re-encoded at --size x --size (JPEG quality 90), as a client that resizes")
+    p.add_argument("--multipart", action="store_true", help="send the image as a multipart part named `file`")
     args = p.parse_args()
     if args.code is not None:  # its service package, not ours
         sys.path.insert(0, str(args.code.resolve()))
@@ -130,9 +144,9 @@ def main() -> int:
         pixels = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
         small = cv2.resize(pixels, (args.size, args.size), interpolation=cv2.INTER_AREA)
         body = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
-    res = asyncio.run(measure(body, args.requests, args.rounds, args.query.encode(), args.size))
+    res = asyncio.run(measure(body, args.requests, args.rounds, args.query.encode(), args.size, args.multipart))
     res.update(code=str((args.code or Path(".")).resolve()), image=str(image), requests=args.requests,
-               size=args.size, presized=args.presized, body_bytes=len(body))
+               size=args.size, presized=args.presized, multipart=args.multipart, body_bytes=len(body))
     print(f"{res['us_per_request']:.0f} us of event-loop CPU a request ({res['us_decode']:.0f} us of it the "
           f"decoder's), median of {args.rounds} rounds of {args.requests}: {res['code']}")
     print(json.dumps(res))

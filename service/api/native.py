@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response
-from starlette.datastructures import Headers, UploadFile
+from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -25,6 +25,7 @@ from service.api.deps import (
     key_matches,
     not_ready_reason,
 )
+from service.api.multipart import MultipartError, read_parts
 from service.api.views import describe_models, runtime_view
 from service.errors import BadRequest, NotFound, NotReady, ServiceError, UnsupportedMediaType
 from service.loading import ServedVersion
@@ -68,20 +69,24 @@ async def read_images(request: Request, max_files: int, max_fields: int) -> Imag
     """The images of a request: multipart parts named `file`, or the whole body when it is an image."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        form = await request.form(max_files=max_files + 1, max_fields=max_fields)
         try:
-            parts = form.getlist("file")
-            if not parts:
-                raise BadRequest(f"the multipart body has no part named 'file' (it has: {', '.join(form.keys())})")
-            images = Images()
-            for i, part in enumerate(parts):
-                if not isinstance(part, UploadFile):
-                    raise BadRequest(f"part {i + 1} named 'file' is a text field, not a file upload")
-                images.blobs.append(await part.read())
-                images.names.append(part.filename or f"image-{i + 1}")
-            return images
-        finally:
-            await form.close()
+            parts = await read_parts(request.stream(), request.headers["content-type"], max_files + 1 + max_fields)
+        except MultipartError as exc:
+            raise BadRequest(str(exc)) from exc
+        files = [p for p in parts if p.name == "file"]
+        if not files:
+            names = ", ".join(dict.fromkeys(p.name for p in parts))
+            raise BadRequest(f"the multipart body has no part named 'file' (it has: {names or 'no parts'})")
+        if len(parts) - len(files) > max_fields:
+            raise BadRequest(f"the multipart body has more than {max_fields} fields besides 'file' "
+                             "(IMGSERVE_MAX_FORM_FIELDS)")
+        images = Images()
+        for i, part in enumerate(files):
+            if part.filename is None:
+                raise BadRequest(f"part {i + 1} named 'file' is a text field, not a file upload")
+            images.blobs.append(part.data)
+            images.names.append(part.filename or f"image-{i + 1}")
+        return images
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return Images(blobs=[await request.body()], names=["body"])
     raise UnsupportedMediaType(
@@ -130,11 +135,12 @@ async def answer(request: Request, model: str | None, version: int | None, k: in
 
 
 class FastPath:
-    """ASGI: `POST /predict` with one raw image body, its key right and its query plainly valid, goes
-    straight to `answer`, past Starlette's routing and FastAPI's dependency solving and query
-    validation (about a tenth of the server's CPU time per request on a small model). Anything else,
-    including every request that would be refused, goes on to the FastAPI route, so that every error
-    answer comes from one place."""
+    """ASGI: `POST /predict` with a raw image body or a multipart upload, its key right and its query
+    plainly valid, goes straight to `answer`, past Starlette's routing and FastAPI's dependency solving
+    and query validation (about a tenth of the server's CPU time per request on a small model, a fifth
+    with multipart: `python -m bench.inprocess [--multipart]`). Anything else, including every request
+    whose query or key would be refused, goes on to the FastAPI route; a bad body gets the same
+    `error_response` on either path (tests/service/test_fastpath.py sends each both ways)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -166,7 +172,7 @@ class FastPath:
             elif name in (b"authorization", b"x-api-key"):
                 key = value
         ctype = ctype.split(b";", 1)[0].strip().lower()
-        if not (ctype.startswith(b"image/") or ctype == b"application/octet-stream"):
+        if not (ctype.startswith(b"image/") or ctype in (b"application/octet-stream", b"multipart/form-data")):
             return None
         expected = scope["app"].state.settings.api_key
         if expected is not None and not (key and key_matches(Headers(scope=scope), expected.get_secret_value())):

@@ -1,5 +1,5 @@
-"""/predict's fast path (service.api.native.FastPath): a raw image with a plainly valid query and the right
-key skips FastAPI's routing and validation; every other request, and so every error answer, goes on to
+"""/predict's fast path (service.api.native.FastPath): a raw image or a multipart upload with a plainly valid
+query and the right key skips FastAPI's routing and validation; every other request, and so every error answer, goes on to
 the FastAPI route. Each request below is sent with the fast path on and with it off: the answers must be
 the same, so that no client can tell which path served it."""
 
@@ -90,6 +90,29 @@ async def test_bad_bodies_get_the_same_error_either_way(store: Path, monkeypatch
     assert fast == slow
 
 
+MULTIPART: dict[str, dict[str, Any]] = {
+    "one image": {"files": {"file": ("a.jpg", jpeg(200), "image/jpeg")}},
+    "two images": {"files": [("file", ("a.jpg", jpeg(200), "image/jpeg")), ("file", ("b.jpg", jpeg(120), "image/jpeg"))]},
+    "no file part": {"files": {"other": ("a.jpg", jpeg(100), "image/jpeg")}},
+    "text field": {"data": {"file": "not a file"}, "files": {"x": ("x", b"x")}},
+    "not an image": {"files": {"file": ("a.jpg", b"hello", "image/jpeg")}},
+    "too many images": {"files": [("file", (f"{i}.jpg", jpeg(50), "image/jpeg")) for i in range(65)]},
+    "no boundary": {"content": b"--x\r\n", "headers": {"Content-Type": "multipart/form-data"}},
+    "garbage": {"content": b"\x00" * 64, "headers": {"Content-Type": "multipart/form-data; boundary=zz"}},
+    "unterminated": {"content": b'--zz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc',
+                     "headers": {"Content-Type": "multipart/form-data; boundary=zz"}},
+}
+MULTIPART_STATUS = {"one image": 200, "two images": 200, "not an image": 415, "too many images": 413}
+
+
+@pytest.mark.parametrize("case", list(MULTIPART))
+async def test_a_multipart_upload_gets_the_same_answer_either_way(store: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  case: str) -> None:
+    fast, slow = await both_ways(store, monkeypatch, None, lambda c: c.post("/predict?top_k=2", **MULTIPART[case]))
+    assert fast == slow
+    assert fast[0] == MULTIPART_STATUS.get(case, 400), fast
+
+
 def scope(query: bytes = b"", method: str = "POST", ctype: bytes = b"image/jpeg",
           key: str | None = None, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
     class App:
@@ -107,7 +130,8 @@ def test_which_requests_take_the_fast_path() -> None:
     assert take(scope(ctype=b"application/octet-stream; x=1")) == (None, None, 5)
     assert take(scope(ctype=b"IMAGE/PNG")) == (None, None, 5)
     assert take(scope(key=KEY, headers=[(b"x-api-key", KEY.encode())])) == (None, None, 5)
-    for other in (scope(ctype=b"multipart/form-data; boundary=x"), scope(ctype=b"application/json"),
+    assert take(scope(b"top_k=2", ctype=b"multipart/form-data; boundary=x")) == (None, None, 2)
+    for other in (scope(ctype=b"application/json"), scope(ctype=b"multipart/mixed; boundary=x"),
                   scope(method="GET"), scope(b"top_k=0"), scope(b"top_k=+1"), scope(b"version=0"),
                   scope(b"model="), scope(b"top_k=1&top_k=1"), scope(b"debug=1"), scope(key=KEY),
                   scope(key=KEY, headers=[(b"x-api-key", b"nope")])):
