@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import DEFAULT_IMAGES, REPO
-from bench.runs import MODELS, Server, ensure_model, in_process, load, pick_tool
+from bench.runs import MODELS, Server, ensure_model, in_process, load, pick_tool, served_runtime
 
 
 def machine() -> dict[str, Any]:
@@ -68,9 +68,7 @@ def main() -> int:
         if args.levels:
             levels = [int(x) for x in args.levels.split(",")]
         vdir = ensure_model(args.store, kind)
-        print(f"[{kind}] in-process limit ...", flush=True)
-        limit = in_process(vdir, args.images, 64, 3 if kind == "vgg16" else 20)
-        entry: dict[str, Any] = {"version_dir": str(vdir), "input": size, "limit": limit, "service": [],
+        entry: dict[str, Any] = {"version_dir": str(vdir), "input": size, "limit": None, "service": [],
                                  "baseline": None}
         settings = {"IMGSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
                     "IMGSERVE_MAX_BATCH_DELAY_MS": str(args.batch_delay_ms),
@@ -79,12 +77,15 @@ def main() -> int:
         server = Server(args.store, f"bench-{kind}", args.out / f"{stamp}-{kind}-server.log", **settings)
         entry["startup_s"] = server.startup_s
         entry["rss_after_warmup_bytes"] = server.rss_after_warmup
+        entry["runtime"] = served_runtime(server, f"bench-{kind}")
         try:
             for c in levels:
                 print(f"[{kind}] {c} clients ...", flush=True)
                 entry["service"].append(load(server, args.images, c, args.duration, pick_tool(args.tool, auto_tool, c)))
         finally:
             server.stop()
+        print(f"[{kind}] in-process limit ({entry['runtime']}, what the service ran) ...", flush=True)
+        entry["limit"] = in_process(vdir, args.images, 64, 3 if kind == "vgg16" else 20, runtime=entry["runtime"])
         print(f"[{kind}] batching off at {off_level} clients ...", flush=True)
         off = Server(args.store, f"bench-{kind}", args.out / f"{stamp}-{kind}-nobatch.log",
                      IMGSERVE_MAX_BATCH_SIZE="1", IMGSERVE_MAX_BATCH_DELAY_MS="0",

@@ -5,7 +5,8 @@ all of them. Prints one JSON object.
 
     python -m bench.limit VERSION_DIR IMAGES MAX_BATCH REPEATS [SIZES|all] [RUNTIME]
 
-RUNTIME is `tensorflow-fp32` (the SavedModel, default) or a variant's key, e.g. `openvino-int8`."""
+RUNTIME is `tensorflow-fp32` (the SavedModel, default) or a variant's key, e.g. `openvino-int8`;
+`openvino-fp32` on a version without that variant is its SavedModel converted as the service does."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def _runtime(version_dir: Path, key: str) -> tuple[object, str]:
     from service.runtimes.openvino import OpenVINORuntime, describe
 
     variant = next((v for v in meta.variants if v.key == key), None)
+    if variant is None and key == "openvino-fp32":  # what the service serves for a SavedModel-only version
+        return OpenVINORuntime.converted(version_dir, meta), describe() + ", the SavedModel converted at load"
     if variant is None:
         raise SystemExit(f"{version_dir} has no variant {key}; it has {[v.key for v in meta.variants]}")
     return OpenVINORuntime(version_dir, meta, variant), describe()

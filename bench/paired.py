@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench.harness import DEFAULT_IMAGES, REPO
-from bench.runs import MODELS, Server, ensure_model, in_process, load, pick_tool
+from bench.runs import MODELS, Server, ensure_model, in_process, load, pick_tool, served_runtime
 
 
 def main() -> int:
@@ -48,6 +48,8 @@ def main() -> int:
     off = None
     rounds = []
     try:
+        runtime = served_runtime(server, f"bench-{args.model}")  # the limit is measured with the same runtime
+        print(f"the service runs bench-{args.model} with {runtime}", flush=True)
         if args.against == "batching-off":
             off = Server(store, f"bench-{args.model}", args.out / f"{stamp}-paired-off.log",
                          **{**settings, "IMGSERVE_MAX_BATCH_SIZE": "1", "IMGSERVE_MAX_BATCH_DELAY_MS": "0"})
@@ -56,7 +58,7 @@ def main() -> int:
                 ref = load(off, args.images, args.clients, args.duration, tool)
                 what = "batching off"
             else:
-                ref = in_process(vdir, args.images, max(sizes), 3, sizes)
+                ref = in_process(vdir, args.images, max(sizes), 3, sizes, runtime=runtime)
                 ref["images_per_s"] = ref["best_images_per_s"]
                 what = (f"in-process best (batch {ref['best_batch_size']}, {ref['best_callers']} "
                         f"caller(s))")
@@ -72,7 +74,7 @@ def main() -> int:
             off.stop()
     ratios = [r["ratio"] for r in rounds]
     result = {"started": stamp, "command": " ".join(["python -m bench.paired", *sys.argv[1:]]),
-              "model": args.model, "clients": args.clients, "against": args.against, "tool": tool,
+              "model": args.model, "runtime": runtime, "clients": args.clients, "against": args.against, "tool": tool,
               "settings": settings, "rounds": rounds,
               "ratios": ratios, "median_ratio": statistics.median(ratios)}
     (args.out / f"{stamp}-paired.json").write_text(json.dumps(result, indent=2))

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from bench.harness import REPO, ServerProcess, metric_sum, rss_bytes, service_env
 
 MODELS = {
@@ -48,6 +50,12 @@ def in_process(version_dir: Path, images: Path, max_batch: int, repeats: int,
                           str(repeats), *extra], cwd=REPO, env=service_env(), check=True, capture_output=True,
                          text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def served_runtime(server: ServerProcess, model: str) -> str:
+    """The key of the runtime serving `model` (`tensorflow-fp32`, `openvino-int8`, ...), for `in_process`."""
+    served = httpx.get(server.url + "/health/ready", timeout=10).json()["runtimes"][model]
+    return f"{served['runtime']}-{served['precision']}"
 
 
 class Server(ServerProcess):

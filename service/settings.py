@@ -134,6 +134,10 @@ class Settings(BaseSettings):
     max_accuracy_drop: float = Field(
         1.0, ge=0, le=100, description="accuracy points a variant may lose on the test split (0: float32 only)"
     )
+    convert_savedmodel: bool = Field(
+        True, description="on a CPU, a version with no variant that can serve has its SavedModel converted by "
+        "OpenVINO at load and served in float32, when its answers match TensorFlow's (false: TensorFlow serves it)"
+    )
     drain_timeout_s: float = Field(20.0, ge=0, description="grace period for queued and running rows on SIGTERM")
     keep_alive_timeout_s: float = Field(
         65.0, gt=0, description="idle keep-alive connections close after this (keep above load balancers' idle timeout)"

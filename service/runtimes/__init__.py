@@ -113,8 +113,9 @@ def choose(meta: ModelMeta, settings: Settings, *, gpu: bool, bf16: bool) -> lis
 
 
 def load(path: Path, meta: ModelMeta, settings: Settings) -> Runtime:
-    """The runtime serving the version in `path`: the fastest usable variant, else its SavedModel. A variant
-    that fails to load (or to answer one image) is refused with its reason, and the next one is tried."""
+    """The runtime serving the version in `path`: the fastest usable variant, else its SavedModel (on a CPU,
+    converted by OpenVINO when that answers alike: `converted`). A variant that fails to load (or to
+    answer one image) is refused with its reason, and the next one is tried."""
     gpu = nvidia_gpu_present() and tensorflow_device(settings).startswith("GPU")
     digest: str | None = None
     for variant in choose(meta, settings, gpu=gpu, bf16=cpu_has_bf16()):
@@ -138,7 +139,44 @@ def load(path: Path, meta: ModelMeta, settings: Settings) -> Runtime:
     tensorflow_device(settings)
     from service.runtimes.tensorflow import SavedModelRuntime
 
-    return SavedModelRuntime(path, meta, mixed_precision=settings.mixed_precision)
+    saved = SavedModelRuntime(path, meta, mixed_precision=settings.mixed_precision)
+    if gpu or not settings.convert_savedmodel or settings.mixed_precision or not openvino_available() \
+            or settings.runtime == "tensorflow" or settings.precision not in ("auto", "fp32"):
+        return saved
+    return converted(path, meta, settings, saved) or saved
+
+
+CONVERSION_TOLERANCE = 1e-3  # largest probability change allowed between the SavedModel and its conversion
+
+
+def converted(path: Path, meta: ModelMeta, settings: Settings, saved: Runtime) -> Runtime | None:
+    """The version's SavedModel converted by OpenVINO and run in float32, when it answers a few check
+    images like `saved` (TensorFlow) does; None, with the reason logged, when it does not or cannot.
+    A batch of one of a small model costs TensorFlow about a millisecond of dispatch, OpenVINO a
+    fraction of one, and a version published without variants (by another tool, or `--variants no`)
+    should not be the slow one."""
+    from service.runtimes.openvino import OpenVINORuntime
+
+    start = time.perf_counter()
+    try:
+        runtime = OpenVINORuntime.converted(path, meta, threads=settings.model_threads)
+        h, w = meta.input.height, meta.input.width
+        rng = np.random.default_rng(0)
+        images = np.concatenate([rng.integers(0, 256, (4, h, w, 3), dtype=np.uint8),
+                                 np.zeros((1, h, w, 3), np.uint8), np.full((1, h, w, 3), 255, np.uint8)])
+        ours, reference = runtime.predict(images), saved.predict(images)
+        change = float(np.max(np.abs(ours - reference)))
+        if not np.isfinite(change) or change > CONVERSION_TOLERANCE:
+            raise ModelLoadError(f"its probabilities differ from TensorFlow's by up to {change:.2g} on the check "
+                                 f"images (allowed: {CONVERSION_TOLERANCE:g})")
+    except Exception as exc:
+        logger.warning("%s version %d: OpenVINO's conversion of the SavedModel not used, TensorFlow serves it: "
+                       "%s: %s", meta.name, meta.version, exc.__class__.__name__, exc)
+        return None
+    logger.info("%s version %d: its SavedModel converted by OpenVINO in %.1fs; it answers the check images "
+                "within %.1g of TensorFlow (IMGSERVE_CONVERT_SAVEDMODEL=false to serve TensorFlow)", meta.name,
+                meta.version, time.perf_counter() - start, change)
+    return runtime
 
 
 def check_probabilities(probs: np.ndarray, rows: int, classes: int) -> None:

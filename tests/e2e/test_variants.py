@@ -66,6 +66,36 @@ def test_corrupt_variant_is_refused_and_the_savedmodel_serves(trained: Trained, 
         assert server.stop() == 0
 
 
+def test_a_savedmodel_only_version_is_converted_by_openvino_and_answers_alike(trained: Trained,
+                                                                             tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    root.mkdir()
+    shutil.copytree(trained.store / trained.name / str(trained.version), root / trained.name / "1",
+                    ignore=shutil.ignore_patterns("variants"))
+    vdir = root / trained.name / "1"
+    doc = json.loads((vdir / "model.json").read_text())
+    doc.update(version=1, variants=[])  # as another tool, or `--variants no`, publishes it
+    (vdir / "model.json").write_text(json.dumps(doc))
+    images = clothing_images(12)
+    want = SavedModelRuntime(vdir, store.read_metadata(vdir)).predict(
+        np.stack([load_image(p, trained.height, trained.width) for p in images]))
+    for convert, runtime in (("true", "openvino/fp32"), ("false", "tensorflow/fp32")):
+        server = start_server(root, tmp_path, IMGSERVE_CONVERT_SAVEDMODEL=convert, IMGSERVE_LOG_LEVEL="INFO")
+        try:
+            got = []
+            for image in images:
+                r = httpx.post(server.url + "/predict?top_k=10",
+                               files={"file": (image.name, image.read_bytes(), "image/jpeg")})
+                assert r.status_code == 200 and r.headers["x-model-runtime"] == runtime, r.text
+                scores = {t["index"]: t["score"] for t in r.json()["predictions"][0]["top"]}
+                got.append([scores[i] for i in range(len(scores))])
+            logs = server.logs()
+        finally:
+            assert server.stop() == 0
+        assert np.abs(np.array(got) - want).max() <= TOLERANCE["fp32"] + 1e-6, runtime  # scores are rounded
+        assert ("its SavedModel converted by OpenVINO" in logs) == (convert == "true")
+
+
 def test_hot_swap_to_and_from_int8_under_load(trained: Trained, tmp_path: Path) -> None:
     root = tmp_path / "store"
     shutil.copytree(trained.store, root)

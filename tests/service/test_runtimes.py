@@ -1,11 +1,17 @@
-"""Which runtime serves a version: the variant choice against the accuracy budget and the settings."""
+"""Which runtime serves a version: the variant choice against the accuracy budget and the settings, and a
+SavedModel's conversion by OpenVINO only when it answers like TensorFlow."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import pytest
 
 from service.metadata import ModelMeta, Variant, VariantEval
-from service.runtimes import choose
+from service.runtimes import choose, converted
 from service.settings import Settings
 
 
@@ -59,3 +65,36 @@ def test_variant_paths_stay_inside_the_version() -> None:
     for bad in ("/etc/passwd", "../other/model.xml", "variants/../../x.xml"):
         with pytest.raises(ValueError, match="inside"):
             Variant(runtime="openvino", precision="int8", path=bad)
+
+
+class Answers:
+    """A runtime answering fixed probabilities, whatever the images."""
+
+    runtime, precision = "fake", "fp32"
+
+    def __init__(self, probs: np.ndarray | Exception) -> None:
+        self.probs, self.meta = probs, META
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        if isinstance(self.probs, Exception):
+            raise self.probs
+        return np.repeat(self.probs[None], len(images), axis=0)
+
+
+@pytest.mark.parametrize(("theirs", "served"), [
+    (np.array([0.7, 0.3]), "converted"),
+    (np.array([0.7 + 5e-4, 0.3 - 5e-4]), "converted"),  # within the tolerance (float32 kernels differ)
+    (np.array([0.69, 0.31]), None),  # not: TensorFlow serves
+    (np.array([np.nan, 0.3]), None),
+    (RuntimeError("OpenVINO: unsupported op"), None),
+])
+def test_a_conversion_serves_only_when_it_answers_like_tensorflow(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, theirs: Any, served: str | None) -> None:
+    from service.runtimes import openvino
+
+    ours = Answers(theirs)
+    monkeypatch.setattr(openvino.OpenVINORuntime, "converted", classmethod(lambda cls, path, meta, threads: ours))
+    with caplog.at_level(logging.INFO, logger="service.runtimes"):
+        got = converted(Path("/nowhere"), META, Settings(), Answers(np.array([0.7, 0.3])))
+    assert got is (ours if served else None)
+    assert ("TensorFlow serves it" in caplog.text) == (served is None)
