@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+import service.runtimes  # noqa: F401 - first: it turns OpenVINO's and NNCF's telemetry off
 from service.cpu import cpu_has_bf16
 from service.metadata import ModelMeta, Variant, VariantEval
 from train import report, stopping

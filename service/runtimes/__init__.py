@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,13 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger(__name__)
+
+# OpenVINO and NNCF send usage telemetry unless the user opted out in a file in their home folder: on
+# `import openvino` and on every conversion, each event by forking the process. A server must neither
+# report to a third party unasked nor fork while its threads run; both packages fall back to a stub
+# when `openvino_telemetry` cannot be imported, and this makes it so (before any OpenVINO import:
+# runtimes/openvino.py and train/optimize.py import this package first).
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[assignment]
 
 
 class ModelLoadError(Exception):

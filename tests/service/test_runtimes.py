@@ -4,6 +4,9 @@ SavedModel's conversion by OpenVINO only when it answers like TensorFlow."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +101,25 @@ def test_a_conversion_serves_only_when_it_answers_like_tensorflow(
         got = converted(Path("/nowhere"), META, Settings(), Answers(np.array([0.7, 0.3])))
     assert got is (ours if served else None)
     assert ("TensorFlow serves it" in caplog.text) == (served is None)
+
+
+FORKS = """
+import os, sys, time
+forks = []
+real = os.fork
+os.fork = lambda: forks.append(1) or real()
+import service.runtimes  # noqa: F401
+import openvino
+time.sleep(3)  # the event goes out from a thread pool, a moment after the import
+print(len(forks), sys.modules.get("openvino_telemetry") is None)
+"""
+
+
+def test_openvino_sends_no_telemetry_and_never_forks_the_server() -> None:
+    """`import openvino` reports the import to a third party by forking the process (and
+    `ov.convert_model` does so again per conversion), unless telemetry is off: service.runtimes turns
+    it off. CI=true would turn it off by itself, so the child runs without it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    out = subprocess.run([sys.executable, "-c", FORKS], capture_output=True, text=True, env=env,
+                         check=True, cwd=Path(__file__).resolve().parents[2], timeout=120).stdout.split()
+    assert out == ["0", "True"]
