@@ -4,8 +4,9 @@ requests answered in a fixed window, with raw `image/jpeg` bodies and with multi
     python -m bench.cpu --store /tmp/peers-store-tiny --model tiny-64 --clients 32 --duration 20
     python -m bench.cpu ... --target before=/tmp/before:1 --target after=.:auto --rounds 3
 
-Each `--target NAME=CODE:WORKERS` is a checkout of this project (its `python -m service`, run with
-its own `.venv` when it has one, else this venv) and an IMGSERVE_WORKERS value; the targets are
+Each `--target NAME=CODE:WORKERS[,SETTING=VALUE...]` is a checkout of this project (its `python -m service`, run with
+its own `.venv` when it has one, else this venv), an IMGSERVE_WORKERS value and any other settings
+(`after-tf=.:1,IMGSERVE_CONVERT_SAVEDMODEL=false`); the targets are
 measured in turn, `--rounds` times over, so that a before/after pair shares the machine's state, and
 the median of the rounds is reported.
 
@@ -54,13 +55,14 @@ def main() -> int:
     targets = [_target(t) for t in args.target or ["this=.:1"]]
     runs: list[dict[str, object]] = []
     for rnd in range(args.rounds):
-        for name, code, workers in targets:
+        for name, code, workers, extra in targets:
             server = Server(args.store, args.model, args.out / f"{stamp}-cpu-{name}-server.log", code=code,
-                            IMGSERVE_WORKERS=workers, IMGSERVE_LOG_LEVEL="WARNING")
+                            IMGSERVE_WORKERS=workers, IMGSERVE_LOG_LEVEL="WARNING", **extra)
             try:
                 for multipart in (False, True):
                     r = measure(server, image, args.clients, args.duration, multipart)
-                    runs.append({"target": name, "code": str(code), "workers": workers, "round": rnd + 1, **r})
+                    runs.append({"target": name, "code": str(code), "workers": workers, "settings": extra,
+                                 "round": rnd + 1, **r})
                     print(f"{name:>8} round {rnd + 1} {r['body']:>9}: {r['cpu_ms_per_request']:.3f} ms server CPU "
                           f"per request, {r['images_per_s']:.0f} images/s, p50 {r['p50_ms']:.1f} ms, "
                           f"{r['server_cores_busy']:.2f} cores busy", flush=True)
@@ -68,8 +70,8 @@ def main() -> int:
                 server.stop()
     summary = {f"{n} {b}": statistics.median(float(r["cpu_ms_per_request"]) for r in runs  # type: ignore[arg-type]
                                              if r["target"] == n and r["body"] == b)
-               for n, _, _ in targets for b in ("raw", "multipart")}
-    ratios = paired_ratios(runs, [n for n, _, _ in targets], args.rounds)
+               for n, *_ in targets for b in ("raw", "multipart")}
+    ratios = paired_ratios(runs, [n for n, *_ in targets], args.rounds)
     result = {"started": stamp, "command": " ".join(["python -m bench.cpu", *sys.argv[1:]]), "image": str(image),
               "median_cpu_ms_per_request": summary, "median_paired_ratio": ratios, "runs": runs}
     (args.out / f"{stamp}-cpu.json").write_text(json.dumps(result, indent=2))
@@ -96,10 +98,12 @@ def paired_ratios(runs: list[dict[str, object]], names: list[str], rounds: int) 
     return out
 
 
-def _target(text: str) -> tuple[str, Path, str]:
+def _target(text: str) -> tuple[str, Path, str, dict[str, str]]:
     name, _, rest = text.partition("=")
-    code, _, workers = rest.rpartition(":")
-    return name, Path(code or ".").resolve(), workers or "1"
+    code, _, tail = rest.rpartition(":")
+    workers, *pairs = tail.split(",")
+    extra = dict(pair.split("=", 1) for pair in pairs)
+    return name, Path(code or ".").resolve(), workers or "1", extra
 
 
 if __name__ == "__main__":

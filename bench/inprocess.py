@@ -146,7 +146,8 @@ def main() -> int:
         body = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
     res = asyncio.run(measure(body, args.requests, args.rounds, args.query.encode(), args.size, args.multipart))
     res.update(code=str((args.code or Path(".")).resolve()), image=str(image), requests=args.requests,
-               size=args.size, presized=args.presized, multipart=args.multipart, body_bytes=len(body))
+               size=args.size, presized=args.presized, multipart=args.multipart,
+               body_bytes=len(multipart(body, "photo.jpg")[0] if args.multipart else body))
     print(f"{res['us_per_request']:.0f} us of event-loop CPU a request ({res['us_decode']:.0f} us of it the "
           f"decoder's), median of {args.rounds} rounds of {args.requests}: {res['code']}")
     print(json.dumps(res))

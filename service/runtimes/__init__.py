@@ -160,9 +160,9 @@ CONVERSION_TOLERANCE = 1e-3  # largest probability change allowed between the Sa
 def converted(path: Path, meta: ModelMeta, settings: Settings, saved: Runtime) -> Runtime | None:
     """The version's SavedModel converted by OpenVINO and run in float32, when it answers a few check
     images like `saved` (TensorFlow) does; None, with the reason logged, when it does not or cannot.
-    A batch of one of a small model costs TensorFlow about a millisecond of dispatch, OpenVINO a
-    fraction of one, and a version published without variants (by another tool, or `--variants no`)
-    should not be the slow one."""
+    For a small model most of a batch of one is the runtime's dispatch, not arithmetic: 0.5-0.8 ms in
+    TensorFlow against 0.2-0.3 ms in OpenVINO for the peers' 64x64 CNN (`python -m bench.lone`), and a
+    version published without variants (by another tool, or `--variants no`) should not be the slow one."""
     from service.runtimes.openvino import OpenVINORuntime
 
     start = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import REPO
 
@@ -33,3 +34,21 @@ def test_a_presized_body_is_sent_at_the_model_size_and_answered() -> None:
     assert res["size"] == 224 and res["presized"] is True
     assert 0 < res["body_bytes"] < len(image)  # re-encoded smaller than the photo it came from
     assert 0 < res["us_decode"] < res["us_per_request"]
+
+
+def test_a_multipart_body_is_answered_and_costs_more_than_its_image() -> None:
+    r = subprocess.run([sys.executable, "-m", "bench.inprocess", "--requests", "20", "--rounds", "1",
+                        "--multipart"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]  # a refused upload fails the run (the test above)
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    image = (REPO / res["image"]).read_bytes()
+    assert res["multipart"] is True and res["body_bytes"] > len(image)  # the part's headers and boundaries
+    assert 0 < res["us_decode"] < res["us_per_request"]
+
+
+def test_cpu_targets_carry_their_settings() -> None:
+    from bench.cpu import _target
+
+    assert _target("before=/tmp/x:1") == ("before", Path("/tmp/x"), "1", {})
+    assert _target("tf=.:auto,IMGSERVE_CONVERT_SAVEDMODEL=false,IMGSERVE_MAX_BATCH_SIZE=8") == (
+        "tf", REPO.resolve(), "auto", {"IMGSERVE_CONVERT_SAVEDMODEL": "false", "IMGSERVE_MAX_BATCH_SIZE": "8"})
