@@ -3,7 +3,9 @@ at load (float32), on the CPU."""
 
 from __future__ import annotations
 
+import statistics
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,16 +59,17 @@ class OpenVINORuntime:
                                      "INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision]}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        try:
-            self._compiled = ov.Core().compile_model(model, "CPU", config)
-        except Exception as exc:
-            raise ModelLoadError(f"{what}: OpenVINO could not compile it: {exc}") from exc
         h, w = meta.input.height, meta.input.width
+        self._compiled = _compile(model, config, what)
         inp = self._compiled.inputs[0]
         shape = inp.get_partial_shape()
         if inp.get_element_type() != ov.Type.u8 or shape.rank.get_length() != 4 or [
                 d.get_length() for d in list(shape)[1:]] != [h, w, 3]:
             raise ModelLoadError(f"{what}: input must be u8 [?, {h}, {w}, 3], it is {inp.get_element_type()} {shape}")
+        self.threads = threads
+        if not threads and _single_call_s(self._compiled, h, w) < ONE_THREAD_BELOW_S:
+            self.threads = 1
+            self._compiled = _compile(model, {**config, "INFERENCE_NUM_THREADS": 1}, what)
         self._local = threading.local()
 
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -79,6 +82,33 @@ class OpenVINORuntime:
         out = np.array(request.get_output_tensor(0).data, dtype=np.float32, copy=True)
         check_probabilities(out, images.shape[0], self.meta.num_classes)
         return out
+
+
+# A batch of one shorter than this runs on one thread when the runtime may choose (one process owning
+# the cores): a second thread does not shorten so short a call (0.62 ms either way at batch 4 for the
+# peers' 64x64 CNN), and OpenVINO's idle threads spin for a while after each call, which cost the
+# event loop most of a core between calls (1.95 cores busy against 1.00, 2026-12-04).
+ONE_THREAD_BELOW_S = 0.002
+
+
+def _compile(model: ov.Model, config: dict[str, object], what: str) -> ov.CompiledModel:
+    try:
+        return ov.Core().compile_model(model, "CPU", config)
+    except Exception as exc:
+        raise ModelLoadError(f"{what}: OpenVINO could not compile it: {exc}") from exc
+
+
+def _single_call_s(compiled: ov.CompiledModel, height: int, width: int) -> float:
+    """The median time of a batch of one, warm."""
+    request = compiled.create_infer_request()
+    images = np.zeros((1, height, width, 3), np.uint8)
+    times = []
+    for i in range(8):
+        start = time.perf_counter()
+        request.infer({0: images})
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 class _Request:

@@ -147,3 +147,18 @@ def test_train_optimize_publishes_a_new_version_with_variants(trained: Trained, 
     assert not (src / "variants").exists()  # the old version is untouched
     # the same seeded test split was found again: the SavedModel's accuracy on it is the recorded one
     assert all(v.evaluation and v.evaluation.test_images == meta.metrics["test_images"] for v in meta.variants)
+
+
+def test_a_short_model_call_runs_on_one_openvino_thread(trained: Trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left to choose, OpenVINO would run the small test model on every core, no faster, and its idle
+    threads would spin between calls; a costly model (here: any, with the threshold at 0) keeps them."""
+    from service.runtimes import openvino
+
+    path = trained.store / trained.name / str(trained.version)
+    meta = store.read_metadata(path)
+    variant = next(v for v in meta.variants if v.precision == "fp32")
+    assert OpenVINORuntime(path, meta, variant).threads == 1
+    assert OpenVINORuntime.converted(path, meta).threads == 1
+    assert OpenVINORuntime(path, meta, variant, threads=2).threads == 2  # a setting is kept as it is
+    monkeypatch.setattr(openvino, "ONE_THREAD_BELOW_S", 0.0)
+    assert OpenVINORuntime.converted(path, meta).threads == 0
