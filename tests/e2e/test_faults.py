@@ -30,11 +30,14 @@ OVERLOAD_S = float(os.environ.get("IMGSERVE_TEST_OVERLOAD_S", "20"))
 
 def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path, server_processes: int) -> None:
     """Open loop (h2load) at 150% of the capacity measured just before (wrk): the server, not the client,
-    decides what is refused; accepted requests are answered within the deadline; nothing is lost."""
+    decides what is refused; accepted requests are answered within the deadline; nothing is lost.
+    TensorFlow serves the model: on OpenVINO the small test model is cheap enough that h2load, on the
+    same two cores, cannot offer more than the server answers (1.5x and 2.5x of wrk's figure were both
+    answered in full, about 1,500/s, with no 429), and the test would not overload anything."""
     shutil.copytree(trained.store, tmp_path / "store")
     deadline_ms = 2000
     server = start_server(tmp_path / "store", tmp_path, IMGSERVE_MAX_QUEUE_ROWS="16", IMGSERVE_MAX_BATCH_SIZE="8",
-                          IMGSERVE_REQUEST_TIMEOUT_MS=str(deadline_ms))
+                          IMGSERVE_REQUEST_TIMEOUT_MS=str(deadline_ms), IMGSERVE_RUNTIME="tensorflow")
     try:
         rss_before = server.rss()
         image = clothing_images(1)[0]
