@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _runtime(version_dir: Path, key: str) -> tuple[object, str]:
+def runtime_for(version_dir: Path, key: str, threads: int = 0) -> tuple[object, str]:
+    """The runtime `key` of a version, as the service would load it, and its device in words."""
     from service.store import read_metadata
 
     meta = read_metadata(version_dir)
@@ -27,16 +28,16 @@ def _runtime(version_dir: Path, key: str) -> tuple[object, str]:
         from service.runtimes.tensorflow import SavedModelRuntime
         from service.runtimes.tensorflow import configure as configure_tensorflow
 
-        device = configure_tensorflow()
+        device = configure_tensorflow(threads)
         return SavedModelRuntime(version_dir, meta), device
     from service.runtimes.openvino import OpenVINORuntime, describe
 
     variant = next((v for v in meta.variants if v.key == key), None)
     if variant is None and key == "openvino-fp32":  # what the service serves for a SavedModel-only version
-        return OpenVINORuntime.converted(version_dir, meta), describe() + ", the SavedModel converted at load"
+        return OpenVINORuntime.converted(version_dir, meta, threads), describe() + ", the SavedModel converted at load"
     if variant is None:
         raise SystemExit(f"{version_dir} has no variant {key}; it has {[v.key for v in meta.variants]}")
-    return OpenVINORuntime(version_dir, meta, variant), describe()
+    return OpenVINORuntime(version_dir, meta, variant, threads), describe()
 
 
 def main() -> int:
@@ -45,7 +46,7 @@ def main() -> int:
     sizes = sys.argv[5] if len(sys.argv) > 5 else "all"
     only = None if sizes == "all" else {int(x) for x in sizes.split(",")}  # measure just these sizes
     key = sys.argv[6] if len(sys.argv) > 6 else "tensorflow-fp32"
-    clf, device = _runtime(version_dir, key)
+    clf, device = runtime_for(version_dir, key)
     h, w = clf.meta.input.height, clf.meta.input.width
     from service.imaging import load_image
 

@@ -29,20 +29,10 @@ PAUSES = {"back to back": None, "after a 2-ms busy pause": ("busy", 0.002), "aft
 
 def measure(version_dir: Path, key: str, threads: int, calls: int) -> dict[str, float]:
     """p50 ms of `predict` on one row, for each kind of pause (in this process)."""
-    from service.store import read_metadata
+    from bench.limit import runtime_for
 
-    meta = read_metadata(version_dir)
-    if key == "tensorflow-fp32":
-        from service.runtimes.tensorflow import SavedModelRuntime, configure
-
-        configure(threads)
-        runtime: Any = SavedModelRuntime(version_dir, meta)
-    else:
-        from service.runtimes.openvino import OpenVINORuntime
-
-        variant = next((v for v in meta.variants if v.key == key), None)
-        runtime = (OpenVINORuntime(version_dir, meta, variant, threads) if variant is not None
-                   else OpenVINORuntime.converted(version_dir, meta, threads))
+    runtime: Any = runtime_for(version_dir, key, threads)[0]
+    meta = runtime.meta
     row = np.random.default_rng(0).integers(0, 256, (1, meta.input.height, meta.input.width, 3), dtype=np.uint8)
     for _ in range(50):
         runtime.predict(row)
