@@ -28,21 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.fakes import ConstantModel, publish_fake
 from bench.harness import DEFAULT_IMAGES
-
-
-class NoModel:
-    """A runtime that answers the same probabilities for every row."""
-
-    runtime, precision = "none", "fp32"
-
-    def __init__(self, meta: Any) -> None:
-        self.meta = meta
-        self.row = np.full(meta.num_classes, 1.0 / meta.num_classes, np.float32)
-
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        return np.tile(self.row, (len(images), 1))
-
 
 BOUNDARY = b"bench0b0undary7f3c1a"
 
@@ -59,18 +46,12 @@ async def measure(image: bytes, requests: int, rounds: int, query: bytes, size: 
                   as_multipart: bool = False) -> dict[str, Any]:
     from service.app import create_app
     from service.imaging import decode_image
-    from service.metadata import ModelMeta
     from service.settings import Settings
-    from service.store import publish
 
     with tempfile.TemporaryDirectory(prefix="imgserve-inprocess-") as tmp:
         store = Path(tmp)
-        def write(folder: Path) -> None:  # the loader never reads it
-            (folder / "saved_model.pb").write_bytes(b"none")
-
-        labels = [f"class-{i}" for i in range(10)]
-        publish(store, "m", write, ModelMeta.create(labels=labels, size=(size, size), backbone="none"))
-        app = create_app(Settings(model_store=store, log_level="WARNING"), loader=lambda p, m: NoModel(m))
+        publish_fake(store, "m", [f"class-{i}" for i in range(10)], size)
+        app = create_app(Settings(model_store=store, log_level="WARNING"), loader=lambda p, m: ConstantModel(m))
         body, ctype = multipart(image, "photo.jpg") if as_multipart else (image, b"image/jpeg")
         headers = [(b"host", b"bench"), (b"content-type", ctype), (b"content-length", str(len(body)).encode())]
 

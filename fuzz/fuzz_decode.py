@@ -1,7 +1,7 @@
 """Coverage-guided fuzzing of the image decoder with atheris.
 
     python fuzz/fuzz_decode.py -max_total_time=600      # on demand, longer
-    python fuzz/fuzz_decode.py -runs=5000               # what CI runs
+    python fuzz/fuzz_decode.py -runs=3000               # what CI runs
 
 Any exception other than ImageError (a clean 4xx for the caller) is a crash.
 """

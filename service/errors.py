@@ -13,18 +13,42 @@ class ServiceError(Exception):
         self.headers = headers or {}
 
 
-def _kind(name: str, status: int, code: str) -> type[ServiceError]:
-    return type(name, (ServiceError,), {"status_code": status, "code": code, "__module__": __name__})
-
-
 # One class per status: raise NotFound("...") where a request names something that is not served.
-BadRequest = _kind("BadRequest", 400, "bad_request")
-Unauthorized = _kind("Unauthorized", 401, "unauthorized")
-NotFound = _kind("NotFound", 404, "not_found")
-RequestTimeout = _kind("RequestTimeout", 408, "request_timeout")
-PayloadTooLarge = _kind("PayloadTooLarge", 413, "payload_too_large")
-UnsupportedMediaType = _kind("UnsupportedMediaType", 415, "unsupported_media_type")
-Overloaded = _kind("Overloaded", 429, "queue_full")
-ModelFailed = _kind("ModelFailed", 500, "model_error")
-NotReady = _kind("NotReady", 503, "not_ready")
-DeadlineExpired = _kind("DeadlineExpired", 504, "deadline_exceeded")
+class BadRequest(ServiceError):
+    status_code, code = 400, "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status_code, code = 401, "unauthorized"
+
+
+class NotFound(ServiceError):
+    status_code, code = 404, "not_found"
+
+
+class RequestTimeout(ServiceError):
+    status_code, code = 408, "request_timeout"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code, code = 415, "unsupported_media_type"
+
+
+class Overloaded(ServiceError):
+    status_code, code = 429, "queue_full"
+
+
+class ModelFailed(ServiceError):
+    status_code, code = 500, "model_error"
+
+
+class NotReady(ServiceError):
+    status_code, code = 503, "not_ready"
+
+
+class DeadlineExpired(ServiceError):
+    status_code, code = 504, "deadline_exceeded"

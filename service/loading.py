@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -80,8 +81,8 @@ async def load_version(name: str, version: int, path: Path, loader: Loader, defa
     single = await asyncio.to_thread(time_single, runtime)  # inline runs, and batching a costly model
     seconds = time.perf_counter() - t0
 
-    def run(rows: list[np.ndarray]) -> np.ndarray:
-        return runtime.predict(np.stack(rows))
+    def run(rows: list[np.ndarray]) -> Sequence[np.ndarray]:
+        return cast(Sequence[np.ndarray], runtime.predict(np.stack(rows)))  # an [N, C] array: N rows
 
     batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
         run,

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-METADATA_FORMAT = 1
+METADATA_FORMAT: Literal[1] = 1
 
 
 class InputSpec(BaseModel):

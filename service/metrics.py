@@ -56,6 +56,8 @@ class Metrics:
                                     [*mv, "reason"], registry=r)
         self.rejections = Counter("imgserve_rejections_total", "Requests refused, by reason", ["reason"],
                                   registry=r)
+        self.store_scans = Counter("imgserve_store_scans_total", "Scans of the model store completed, by outcome",
+                                   ["outcome"], registry=r)
         self.model_loads = Counter("imgserve_model_loads_total", "Model version loads, by outcome",
                                    ["model", "outcome"], registry=r)
         self.model_version = Gauge("imgserve_model_version_served",
@@ -88,7 +90,7 @@ class Metrics:
         registry = self.registry
         if MULTIPROCESS:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
 
     def forget(self, gauge: Gauge, *labels: str) -> None:

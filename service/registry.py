@@ -44,8 +44,10 @@ class Registry:
         while True:
             try:
                 await self.scan()
+                self.metrics.store_scans.labels("ok").inc()
             except Exception:  # a scan must never kill polling
                 logger.exception("store scan failed")
+                self.metrics.store_scans.labels("error").inc()
             await asyncio.sleep(self.settings.poll_interval_s)
 
     async def scan(self) -> None:

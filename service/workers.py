@@ -217,7 +217,7 @@ class Supervisor:
                 code = proc.poll()
                 if code is None or index in self.exit_codes:
                     continue
-                multiprocess.mark_process_dead(proc.pid, str(metrics_dir))
+                multiprocess.mark_process_dead(proc.pid, str(metrics_dir))  # type: ignore[no-untyped-call]
                 if self.stopping:
                     self.exit_codes[index] = code
                     continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.settings import Settings
-from tests.conftest import REPO
+from tests.support import REPO
 
 
 def test_every_setting_is_in_the_readme() -> None:

@@ -117,11 +117,11 @@ class CachedArray:
         return int(self.shape[0])
 
     def labels(self) -> np.ndarray:
-        return np.load(self.path.with_name(self.path.stem + ".labels.npy"))
+        return np.asarray(np.load(self.path.with_name(self.path.stem + ".labels.npy")))
 
     @property
     def nbytes(self) -> int:
-        return self.shape[0] * self._row_bytes
+        return int(self.shape[0] * self._row_bytes)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as float32."""

@@ -98,8 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar = None
         if convert is _bool:
             metavar = "yes|no|auto" if "None" in str(f.type) else "yes|no"
-        parser.add_argument("--" + f.name.replace("_", "-"), type=convert, default=default, metavar=metavar,
-                            **meta)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=convert, default=default,  # type: ignore[arg-type]
+                            metavar=metavar, **meta)
 
 
 def from_arguments(args: argparse.Namespace) -> TrainConfig:

@@ -162,6 +162,7 @@ def optimize_published(store_dir: Path, name: str, version: int | None, data: Pa
             return [n for n in names if Path(folder) == src and n in ("model.json", "variants")]
 
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=skip)
+        assert split.x_tr is not None and split.x_te is not None and split.y_te is not None, "decoded up front"
         measured, lines = variant_metadata(tmp, meta, split.x_tr, split.x_te, split.y_te, calibration_images,
                                            cfg.seed)
         report_md = tmp / "report" / "report.md"

@@ -509,8 +509,10 @@ def fit_end_to_end(parts: Parts, data: Data, fit: Fitter, cfg: TrainConfig) -> N
         fit(model, cfg.fine_tune_learning_rate, train, val, cfg.fine_tune_epochs, "fine_tune")
 
 
-def _onehot(y: np.ndarray, k: int) -> np.ndarray:
-    return keras.utils.to_categorical(y, k)
+def _onehot(y: np.ndarray | None, k: int) -> np.ndarray:
+    if y is None:
+        raise ValueError("labels of a split that was not decoded")
+    return np.asarray(keras.utils.to_categorical(y, k))
 
 
 def choose_strategy(cfg: TrainConfig) -> tuple[Any, bool]:
@@ -581,6 +583,7 @@ def variants_for(version_dir: Path, meta: ModelMeta, cfg: TrainConfig, data: Dat
     from train.optimize import variant_metadata
 
     release_memory()
+    assert data.y_te is not None, "the test labels are always read"
     calibration = data.images("train", cfg.calibration_images, cfg.seed)
     return variant_metadata(version_dir, meta, calibration, data.test_images(), data.y_te, len(calibration),
                             cfg.seed, reference)
@@ -588,6 +591,9 @@ def variants_for(version_dir: Path, meta: ModelMeta, cfg: TrainConfig, data: Dat
 
 def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data, metrics: dict[str, Any],
             probs: np.ndarray, fit: Fitter) -> Path:
+    assert data.y_te is not None, "the test labels are always read"
+    y_te = data.y_te
+
     def write(tmp: Path) -> dict[str, Any]:
         export_saved_model(serving, tmp, cfg.image_size, cfg.image_size)
         t = time.perf_counter()
@@ -600,9 +606,9 @@ def publish(cfg: TrainConfig, meta: ModelMeta, serving: keras.Model, data: Data,
         report.plot_confusion(metrics["confusion_matrix"], data.classes, rep / "confusion_matrix.png")
         report.plot_reliability(metrics["calibration"], rep / "reliability.png")
         shown = np.arange(min(16, len(pred)))
-        report.plot_samples(_load(data, shown), data.y_te[shown], pred[shown], data.classes, rep / "samples.png")
+        report.plot_samples(_load(data, shown), y_te[shown], pred[shown], data.classes, rep / "samples.png")
         pairs = report.confused_pairs(metrics["confusion_matrix"], data.classes)
-        examples = {(p["true"], p["predicted"]): np.flatnonzero((data.y_te == data.classes.index(p["true"]))
+        examples = {(p["true"], p["predicted"]): np.flatnonzero((y_te == data.classes.index(p["true"]))
                                                                 & (pred == data.classes.index(p["predicted"])))[:4]
                     for p in pairs}
         report.plot_confused_pairs(pairs, {key: _load(data, rows) for key, rows in examples.items()},

@@ -133,7 +133,7 @@ def _check_key(request: Request, expected: str, what: str) -> None:
 def key_given(headers: Any) -> str:
     """The API key a request sends: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
     auth = headers.get("authorization", "")
-    return auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
+    return str(auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", ""))
 
 
 def key_matches(headers: Any, expected: str) -> bool:

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 # report to a third party unasked nor fork while its threads run; both packages fall back to a stub
 # when `openvino_telemetry` cannot be imported, and this makes it so (before any OpenVINO import:
 # runtimes/openvino.py and train/optimize.py import this package first).
-sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[assignment]
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
 
 class ModelLoadError(Exception):

@@ -87,4 +87,4 @@ class SavedModelRuntime:
         """Class probabilities [N, C] for uint8 RGB images [N, H, W, 3]. Blocking; releases the GIL."""
         out = self._fn(images=tf.convert_to_tensor(images, dtype=tf.uint8))["probabilities"].numpy()
         check_probabilities(out, images.shape[0], self.meta.num_classes)
-        return out
+        return np.asarray(out)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 
 def test_it_answers_real_requests_and_reports_the_decoder_inside_the_total() -> None:

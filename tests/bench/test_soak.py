@@ -12,7 +12,7 @@ import pytest
 
 from bench.harness import cpu_seconds
 from bench.soak import CpuSplit, _h2load_count, open_loop, settled_counts
-from tests.conftest import LiveServer, clothing_images
+from tests.support import LiveServer, clothing_images
 
 
 def test_cpu_split_tells_server_from_client() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CLOTHING, REPO, clothing_images
+from tests.support import CLOTHING, REPO, clothing_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.compose]
 API = "http://127.0.0.1:8000"

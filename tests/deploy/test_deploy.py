@@ -23,8 +23,7 @@ from asgi_lifespan import LifespanManager
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import REPO, FakeClassifier, free_port, write_fake_version
-from tests.service.test_app import jpeg, wait_ready
+from tests.support import REPO, FakeClassifier, free_port, jpeg, wait_ready, write_fake_version
 
 BIN = Path(sys.executable).parent
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LiveServer
+from tests.support import LiveServer
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,17 @@ import pytest
 from bench.runs import wrk
 from bench.soak import open_loop, served_by_status, settled_counts
 from service.settings import Settings
-from tests.conftest import LiveServer, Trained, burst, clone_version, clothing_images, served_everywhere, start_server
-from tests.e2e.test_server import Load, wait_for
+from tests.support import (
+    LiveServer,
+    Load,
+    Trained,
+    burst,
+    clone_version,
+    clothing_images,
+    served_everywhere,
+    start_server,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 SERVER_PROCESSES = ["1", "2"]  # see conftest.py
@@ -113,7 +122,7 @@ def test_sigkill_under_load_then_restart(trained: Trained, tmp_path: Path) -> No
     threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
         t.start()
-    assert wait_for(lambda: len(outcomes) > 20, 30)
+    assert wait_until(lambda: len(outcomes) > 20, 30)
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(10)
     time.sleep(1)
@@ -138,7 +147,7 @@ def test_twenty_hot_swaps_under_load(live: LiveServer, trained: Trained) -> None
         for i in range(1, 21):
             v = trained.version + i
             clone_version(store, trained.name, trained.version, v)
-            assert wait_for(lambda v=v: served_everywhere(live, "clothing") == {v}, 60)
+            assert wait_until(lambda v=v: served_everywhere(live, "clothing") == {v}, 60)
     # the load is bounded in count and may end before the swaps do: the last version answers afterwards,
     # from every process the kernel hands the connections to
     last = trained.version + 20
@@ -199,7 +208,7 @@ def test_broken_version_cases(live: LiveServer, trained: Trained, case: str) -> 
             meta["version"] = new
             (dst / "model.json").write_text(json.dumps(meta))
             shutil.copy(src / "saved_model.pb", dst / "saved_model.pb")
-            assert wait_for(lambda: live.metric("imgserve_model_loads_total", model="clothing", outcome="failure") >= 1)
+            assert wait_until(lambda: live.metric("imgserve_model_loads_total", model="clothing", outcome="failure") >= 1)
             shutil.copytree(src / "variables", dst / "variables")
             for extra in ("fingerprint.pb", "assets"):
                 if (src / extra).is_dir():
@@ -207,15 +216,15 @@ def test_broken_version_cases(live: LiveServer, trained: Trained, case: str) -> 
                 elif (src / extra).exists():
                     shutil.copy(src / extra, dst / extra)
             # once complete, the version is tried again and served
-            assert wait_for(lambda: served_everywhere(live, "clothing") == {new}, 60)
+            assert wait_until(lambda: served_everywhere(live, "clothing") == {new}, 60)
         elif case in ("wrong_signature", "warmup_raises"):  # refused once tried (a first SavedModel load
-            assert wait_for(lambda: _state(live, new) == "FAILED", 60)  # imports TensorFlow: seconds)
-            assert wait_for(lambda: live.metric("imgserve_model_loads_total", model="clothing",
+            assert wait_until(lambda: _state(live, new) == "FAILED", 60)  # imports TensorFlow: seconds)
+            assert wait_until(lambda: live.metric("imgserve_model_loads_total", model="clothing",
                                                 outcome="failure") >= len(live.workers()), 60)  # by every process
         else:
             time.sleep(3)  # several polls
         n = len(load.results)
-        assert wait_for(lambda: len(load.results) > n + 5)
+        assert wait_until(lambda: len(load.results) > n + 5)
     assert load.errors == [] and {s for s, _, _ in load.results} == {200}
     assert served_everywhere(live, "clothing") == {new if case == "being_copied" else trained.version}
     states = {v["version"]: v["state"] for v in httpx.get(live.url + "/v1/models").json()["models"][0]["versions"]}

@@ -14,9 +14,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import LiveServer, Trained, clone_version, clothing_images, metric_sum, start_server
-from tests.e2e.test_server import wait_for
+from tests.support import LiveServer, Trained, clone_version, clothing_images, metric_sum, start_server, wait_until
 
+pytestmark = pytest.mark.slow
 SERVER_PROCESSES = ["2"]  # about several processes behind one port; see conftest.py
 
 
@@ -100,7 +100,7 @@ def test_hot_swap_reaches_every_process(two: LiveServer, trained: Trained) -> No
         r = httpx.get(two.url + "/health/ready", timeout=10)
         return r.status_code == 200 and all(p["models"].get(trained.name) == new for p in r.json()["processes"])
 
-    assert wait_for(everywhere, 90)
+    assert wait_until(everywhere, 90)
     image = clothing_images(1)[0].read_bytes()
     versions = {fresh_post(two.url, image).headers["X-Model-Version"] for _ in range(20)}
     assert versions == {str(new)}
@@ -119,7 +119,7 @@ def test_sigterm_drains_both_processes(trained: Trained, tmp_path: Path, server_
         image = clothing_images(1)[0].read_bytes()
         with ThreadPoolExecutor(24) as pool:
             futures = [pool.submit(fresh_post, server.url, image) for _ in range(24)]
-            assert wait_for(lambda: metric_sum(server.metrics(), "imgserve_queue_depth") >= 12, 8)
+            assert wait_until(lambda: metric_sum(server.metrics(), "imgserve_queue_depth") >= 12, 8)
             queued = metric_sum(server.metrics(), "imgserve_queue_depth")
             server.proc.send_signal(signal.SIGTERM)
             answers = [outcome(f) for f in futures]

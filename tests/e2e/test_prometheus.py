@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import LiveServer, clothing_images, free_port
+from tests.support import LiveServer, clothing_images, free_port
 
 pytestmark = pytest.mark.slow
 SERVER_PROCESSES = ["1", "2"]  # see conftest.py

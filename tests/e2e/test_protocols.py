@@ -12,7 +12,7 @@ import pytest
 import tritonclient.http as triton
 
 from service.imaging import load_image
-from tests.conftest import LiveServer, Trained, clothing_images, metric_sum
+from tests.support import LiveServer, Trained, clothing_images, metric_sum
 
 pytestmark = pytest.mark.slow
 

@@ -4,11 +4,9 @@ versions and graceful shutdown, under bounded concurrent load."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,24 +18,22 @@ from service.cpu import cpu_has_bf16
 from service.imaging import load_image
 from service.runtimes import warmup
 from service.runtimes.tensorflow import SavedModelRuntime as SavedModelClassifier
-from tests.conftest import (
+from tests.support import (
     LiveServer,
+    Load,
     Trained,
     burst,
     clone_version,
     clothing_images,
+    post,
     served_everywhere,
     served_runtime,
     start_server,
+    wait_until,
 )
 
 pytestmark = pytest.mark.slow
 SERVER_PROCESSES = ["1", "2"]  # see conftest.py
-
-
-def post(client: httpx.Client, path: Path, **params: object) -> httpx.Response:
-    return client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")},
-                       params={"top_k": 3, **params})
 
 
 def test_concurrent_requests_are_answered_correctly(live: LiveServer, trained: Trained) -> None:
@@ -116,66 +112,16 @@ def test_a_model_costlier_than_the_delay_is_batched_for_efficiency_and_answers_s
         server.stop()
 
 
-class Load:
-    """Closed-loop load from a few threads until the block ends, bounded in count and time (so that a fast
-    machine does not run out of requests before a test's last check); records every answer."""
-
-    PER_CLIENT = 20_000
-    MAX_S = 300.0
-
-    def __init__(self, url: str, images: list[Path], clients: int = 4) -> None:
-        self.url, self.images, self.clients = url, images, clients
-        self.deadline = math.inf
-        self.stop = threading.Event()
-        self.results: list[tuple[int, int | None, str | None]] = []
-        self.errors: list[str] = []
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            n = 0
-            while not self.stop.is_set() and n < self.PER_CLIENT and time.monotonic() < self.deadline:
-                p = self.images[(i + n) % len(self.images)]
-                n += 1
-                try:
-                    r = post(client, p)
-                except httpx.HTTPError as exc:
-                    self.errors.append(repr(exc))
-                    continue
-                body = r.json()
-                self.results.append((r.status_code, body.get("version"), r.headers.get("x-model-version")))
-
-    def __enter__(self) -> Load:
-        self.deadline = time.monotonic() + self.MAX_S
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for t in self._threads:
-            t.join(60)
-
-
-def wait_for(predicate, timeout: float = 60) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_hot_swap_under_load_loses_nothing(live: LiveServer, trained: Trained, tmp_path: Path) -> None:
     store = Path(httpx.get(live.url + "/v1/models").json() and live.log.parent / "store")
     with Load(live.url, clothing_images(10)) as load:
-        assert wait_for(lambda: len(load.results) > 10)
+        assert wait_until(lambda: len(load.results) > 10)
         clone_version(store, trained.name, trained.version, trained.version + 1)
-        assert wait_for(lambda: any(v == trained.version + 1 for _, v, _ in load.results[-5:]))
+        assert wait_until(lambda: any(v == trained.version + 1 for _, v, _ in load.results[-5:]))
         # with several processes each swaps on its own poll: the swap is atomic once all have made it
-        assert wait_for(lambda: served_everywhere(live, trained.name) == {trained.version + 1}, 60)
+        assert wait_until(lambda: served_everywhere(live, trained.name) == {trained.version + 1}, 60)
         swapped_at = len(load.results)
-        assert wait_for(lambda: len(load.results) > swapped_at + 10)
+        assert wait_until(lambda: len(load.results) > swapped_at + 10)
     assert load.errors == []
     statuses = {s for s, _, _ in load.results}
     assert statuses == {200}, statuses
@@ -203,10 +149,10 @@ def test_broken_version_is_refused_old_keeps_serving(live: LiveServer, trained: 
         clone_path.write_text(clone_path.read_text().replace('"labels": [', '"labels": ["extra", '))
     image = clothing_images(1)[0]
     with Load(live.url, [image], clients=2) as load:
-        assert wait_for(lambda: live.metric("imgserve_model_loads_total", model="clothing",
+        assert wait_until(lambda: live.metric("imgserve_model_loads_total", model="clothing",
                                             outcome="failure") >= len(live.workers()))  # refused by every process
         n = len(load.results)
-        assert wait_for(lambda: len(load.results) > n + 5)
+        assert wait_until(lambda: len(load.results) > n + 5)
     assert load.errors == [] and {s for s, _, _ in load.results} == {200}
     assert {v for _, v, _ in load.results} == {trained.version}
     models = httpx.get(live.url + "/v1/models").json()["models"][0]
@@ -232,7 +178,7 @@ def test_sigterm_under_load_loses_no_accepted_request(trained: Trained, tmp_path
 
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(one, i) for i in range(16)]
-        assert wait_for(lambda: "imgserve_queue_depth" in httpx.get(server.url + "/metrics").text
+        assert wait_until(lambda: "imgserve_queue_depth" in httpx.get(server.url + "/metrics").text
                         and server.metric("imgserve_queue_depth") >= 8, timeout=20)
         server.proc.send_signal(signal.SIGTERM)
         outcomes = [f.result() for f in futures]

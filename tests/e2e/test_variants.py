@@ -18,8 +18,16 @@ from service import store
 from service.imaging import load_image
 from service.runtimes.openvino import OpenVINORuntime
 from service.runtimes.tensorflow import SavedModelRuntime
-from tests.conftest import REPO, Trained, clone_version, clothing_images, served_everywhere, start_server
-from tests.e2e.test_server import Load, wait_for
+from tests.support import (
+    REPO,
+    Load,
+    Trained,
+    clone_version,
+    clothing_images,
+    served_everywhere,
+    start_server,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 # Largest change of a class probability against the SavedModel, per precision (the float32 IR is the
@@ -33,6 +41,9 @@ def test_every_variant_answers_like_the_savedmodel(trained: Trained) -> None:
     assert {v.precision for v in meta.variants} >= {"fp32", "int8"}
     images = np.stack([load_image(p, trained.height, trained.width) for p in clothing_images(30)])
     want = SavedModelRuntime(path, meta).predict(images)
+    test_x, test_y = trained.test_split()
+    assert abs(meta.metrics["accuracy"] - float((SavedModelRuntime(path, meta).predict(test_x).argmax(1) == test_y)
+                                                .mean())) <= 1 / len(test_y) + 1e-9
     for v in meta.variants:
         got = OpenVINORuntime(path, meta, v).predict(images)
         assert np.abs(got - want).max() <= TOLERANCE[v.precision], v.key
@@ -43,6 +54,10 @@ def test_every_variant_answers_like_the_savedmodel(trained: Trained) -> None:
         assert np.all(got.argmax(1)[decisive] == want.argmax(1)[decisive]), v.key
         ev = v.evaluation
         assert ev is not None and ev.test_images and ev.images_per_s and ev.images_per_s > 0
+        # the published accuracy is what the variant scores on the version's test split, computed again here
+        assert ev.test_images == len(test_x)
+        recomputed = float((OpenVINORuntime(path, meta, v).predict(test_x).argmax(1) == test_y).mean())
+        assert abs(ev.accuracy - recomputed) <= 1 / ev.test_images + 1e-9, (v.key, ev.accuracy, recomputed)
         # measured against the SavedModel on the same split (Keras' own evaluation may differ by a tie)
         assert abs(ev.accuracy_drop - (meta.metrics["accuracy"] - ev.accuracy)) <= 1 / ev.test_images + 1e-9
     report = (path / "report" / "report.md").read_text()
@@ -105,14 +120,14 @@ def test_hot_swap_to_and_from_int8_under_load(trained: Trained, tmp_path: Path) 
     try:
         assert httpx.get(server.url + "/health/ready").json()["runtimes"][trained.name]["precision"] == "int8"
         with Load(server.url, clothing_images(10)) as load:
-            assert wait_for(lambda: len(load.results) > 10)
+            assert wait_until(lambda: len(load.results) > 10)
             clone_version(root, trained.name, v1, v1 + 1, {"variants": []})  # SavedModel only
-            assert wait_for(lambda: any(v == v1 + 1 for _, v, _ in load.results[-5:]))
+            assert wait_until(lambda: any(v == v1 + 1 for _, v, _ in load.results[-5:]))
             clone_version(root, trained.name, v1, v1 + 2)  # int8 again
-            assert wait_for(lambda: any(v == v1 + 2 for _, v, _ in load.results[-5:]))
-            assert wait_for(lambda: served_everywhere(server, trained.name) == {v1 + 2}, 60)
+            assert wait_until(lambda: any(v == v1 + 2 for _, v, _ in load.results[-5:]))
+            assert wait_until(lambda: served_everywhere(server, trained.name) == {v1 + 2}, 60)
             n = len(load.results)
-            assert wait_for(lambda: len(load.results) > n + 10)
+            assert wait_until(lambda: len(load.results) > n + 10)
         for v in (v1, v1 + 1, v1 + 2):
             meta = httpx.get(server.url + f"/v2/models/{trained.name}/versions/{v}")
             if meta.status_code == 200:

@@ -7,34 +7,14 @@ import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import cv2
 import httpx
-import numpy as np
 import pytest
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import FakeClassifier, metric_sum, write_fake_version
-
-LABELS = ["dark", "mid", "bright"]
-
-
-def jpeg(red: int, size: int = 40) -> bytes:
-    img = np.zeros((size, size, 3), np.uint8)
-    img[..., 2] = red  # BGR: red channel
-    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 100])
-    assert ok
-    return buf.tobytes()
-
-
-async def wait_ready(client: httpx.AsyncClient) -> None:
-    for _ in range(200):
-        if (await client.get("/health/ready")).status_code == 200:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("never ready")
+from tests.support import LABELS, FakeClassifier, jpeg, metric_sum, wait_ready, write_fake_version
 
 
 @pytest.fixture

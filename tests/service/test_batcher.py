@@ -9,41 +9,7 @@ from collections.abc import Sequence
 import pytest
 
 from service.batcher import Batcher, BatcherStopped, BatchFailed, DeadlineExceeded, QueueFull
-
-
-class FakeClock:
-    """Time moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-        self._waiters: list[tuple[float, asyncio.Future[None]]] = []
-
-    def now(self) -> float:
-        return self.t
-
-    async def wait(self, event: asyncio.Event, timeout: float) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((self.t + timeout, fut))
-        ev = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({ev, fut}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ev.cancel()
-            if not fut.done():
-                fut.cancel()
-
-    async def advance(self, dt: float) -> None:
-        self.t += dt
-        for deadline, fut in list(self._waiters):
-            if deadline <= self.t and not fut.done():
-                fut.set_result(None)
-        self._waiters = [(d, f) for d, f in self._waiters if not f.done()]
-        await settle()
-
-
-async def settle() -> None:
-    for _ in range(20):
-        await asyncio.sleep(0)
+from tests.support import FakeClock, eventually, settle
 
 
 class RecordingModel:
@@ -226,21 +192,13 @@ async def test_idle_flush_when_no_rows_are_on_their_way(model: RecordingModel, c
     await b.stop(1)
 
 
-async def wait_for(cond: object, timeout: float = 2.0) -> None:
-    for _ in range(int(timeout / 0.001)):
-        if cond():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("condition not reached")
-
-
 async def test_two_batches_in_flight_run_at_once_and_no_more(model: RecordingModel, clock: FakeClock) -> None:
     b2: Batcher[int, int] = Batcher(model, clock=clock, max_batch_size=2, max_delay_s=0.0, max_queue_rows=16,
                                     batches_in_flight=2)
     b2.start()
     model.gate = threading.Event()
     futs = b2.submit([1, 2]) + b2.submit([3, 4]) + b2.submit([5, 6])
-    await wait_for(lambda: len(model.batches) == 2)  # both slots busy, each in its own thread
+    await eventually(lambda: len(model.batches) == 2)  # both slots busy, each in its own thread
     await settle()
     await asyncio.sleep(0.05)
     assert model.batches == [[1, 2], [3, 4]]  # the third batch waits for a free slot
@@ -259,7 +217,7 @@ async def test_stop_waits_for_every_batch_in_flight(model: RecordingModel, clock
     b.start()
     model.gate = threading.Event()
     futs = b.submit([1]) + b.submit([2]) + b.submit([3])
-    await wait_for(lambda: len(model.batches) == 2)
+    await eventually(lambda: len(model.batches) == 2)
     stopping = asyncio.ensure_future(b.stop(5))
     await asyncio.sleep(0.05)
     assert not stopping.done()  # two rows still inside the model, one queued
@@ -275,14 +233,14 @@ async def test_idle_flush_waits_for_the_delay_while_another_batch_runs(model: Re
     b.start()
     model.gate = threading.Event()
     first = b.submit([1])  # the model is idle and nothing is coming: runs at once
-    await wait_for(lambda: len(model.batches) == 1)
+    await eventually(lambda: len(model.batches) == 1)
     second = b.submit([2])  # a slot is free, but the model is busy: let more rows join, up to the delay
     await settle()
     await asyncio.sleep(0.02)
     assert model.batches == [[1]]
     third = b.submit([3])
     await clock.advance(0.010)
-    await wait_for(lambda: len(model.batches) == 2)
+    await eventually(lambda: len(model.batches) == 2)
     assert model.batches == [[1], [2, 3]]
     model.gate.set()
     await wait_done(first + second + third)
@@ -295,7 +253,7 @@ async def test_waiting_batch_closes_as_soon_as_the_running_one_ends(model: Recor
     b.start()
     model.gate = threading.Event()
     first = b.submit([1])
-    await wait_for(lambda: len(model.batches) == 1)
+    await eventually(lambda: len(model.batches) == 1)
     second = b.submit([2])  # busy model, a 1000 s delay: only the end of the running batch can close it
     await asyncio.sleep(0.02)
     assert model.batches == [[1]]
@@ -367,7 +325,7 @@ async def test_a_costly_model_counts_the_delay_from_when_it_became_free(model: R
     model.gate = threading.Event()
     first = b.submit([1])
     await clock.advance(0.010)
-    await wait_for(lambda: model.batches == [[1]])
+    await eventually(lambda: model.batches == [[1]])
     later = b.submit([2, 3])
     await clock.advance(0.020)  # overdue, but the model is busy
     model.gate.set()
@@ -406,7 +364,7 @@ async def test_a_costly_partial_batch_does_not_start_beside_a_running_one(model:
     b = costly(model, clock, batches_in_flight=2)
     model.gate = threading.Event()
     full = b.submit([1, 2, 3, 4, 5, 6, 7, 8])  # more than a batch: two full ones, which may run side by side
-    await wait_for(lambda: len(model.batches) == 2)
+    await eventually(lambda: len(model.batches) == 2)
     assert model.batches == [[1, 2, 3, 4], [5, 6, 7, 8]]
     lone = b.submit([9])
     await clock.advance(1.0)
@@ -426,7 +384,7 @@ async def test_a_costly_model_splits_the_rows_into_two_batches_that_start_togeth
     model.gate = threading.Event()
     futs = b.submit([1, 2, 3]) + b.submit([4, 5])
     await clock.advance(0.010)
-    await wait_for(lambda: len(model.batches) == 2)  # both halves inside the model at once
+    await eventually(lambda: len(model.batches) == 2)  # both halves inside the model at once
     assert model.batches == [[1, 2, 3], [4, 5]]
     assert b.running_rows == 5
     model.gate.set()

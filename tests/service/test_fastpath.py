@@ -12,14 +12,11 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from pydantic import SecretStr
 
 from service.api import native
-from service.app import create_app
 from service.settings import Settings
-from tests.conftest import FakeClassifier, write_fake_version
-from tests.service.test_app import LABELS, jpeg, wait_ready
+from tests.support import LABELS, app_client, jpeg, write_fake_version
 
 KEY = "s3cret-key"
 VARYING = {"x-request-id", "server-timing", "date"}
@@ -27,13 +24,9 @@ VARYING = {"x-request-id", "server-timing", "date"}
 
 @asynccontextmanager
 async def serving(store: Path, api_key: str | None) -> AsyncIterator[httpx.AsyncClient]:
-    settings = Settings(model_store=store, max_batch_delay_ms=1, poll_interval_s=0.05, max_upload_bytes=200_000,
-                        api_key=SecretStr(api_key) if api_key else None)
-    app = create_app(settings, loader=lambda path, meta: FakeClassifier(meta))
-    async with LifespanManager(app) as manager:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as c:
-            await wait_ready(c)
-            yield c
+    async with app_client(store, max_batch_delay_ms=1, max_upload_bytes=200_000,
+                          api_key=SecretStr(api_key) if api_key else None) as c:
+        yield c
 
 
 @pytest.fixture
@@ -47,9 +40,24 @@ def answer(r: httpx.Response) -> tuple[int, Any, dict[str, str]]:
 
 
 async def both_ways(store: Path, monkeypatch: pytest.MonkeyPatch, api_key: str | None,
-                    send: Callable[[httpx.AsyncClient], Any]) -> tuple[Any, Any]:
-    async with serving(store, api_key) as c:
-        fast = answer(await send(c))
+                    send: Callable[[httpx.AsyncClient], Any], fast_expected: bool) -> tuple[Any, Any]:
+    """The answer with the fast path mounted and with it declining every request. With it mounted, the
+    request must have been taken by it exactly when `fast_expected` (so a fast path that was unmounted,
+    or that declined everything, fails here)."""
+    took: list[bool] = []
+    decide = native.FastPath._query
+
+    def recording(scope: dict[str, Any]) -> Any:
+        query = decide(scope)
+        took.append(query is not None)
+        return query
+
+    with monkeypatch.context() as m:
+        m.setattr(native.FastPath, "_query", staticmethod(recording))
+        async with serving(store, api_key) as c:
+            took.clear()  # readiness polls are GETs: not /predict
+            fast = answer(await send(c))
+    assert took == [fast_expected], f"fast path took the request: {took}, expected {fast_expected}"
     with monkeypatch.context() as m:
         m.setattr(native.FastPath, "_query", staticmethod(lambda scope: None))
         async with serving(store, api_key) as c:
@@ -57,17 +65,25 @@ async def both_ways(store: Path, monkeypatch: pytest.MonkeyPatch, api_key: str |
     return fast, slow
 
 
-QUERIES = ["", "top_k=2", "top_k=3&model=fake&version=1", "model=fake", "top_k=0", "top_k=1001", "top_k=%2B2",
-           "top_k=%D9%A3", "top_k=two", "top_k=1&top_k=2", "version=0", "version=9", "version=-1", "model=nope",
-           "model=", "model=" + "x" * 65, "unknown=1"]
+# query -> (status, taken by the fast path): a plainly valid query is; anything FastAPI must judge is not
+QUERIES = {"": (200, True), "top_k=2": (200, True), "top_k=3&model=fake&version=1": (200, True),
+           "model=fake": (200, True), "version=9": (404, True), "model=nope": (404, True),
+           "top_k=0": (422, False), "top_k=1001": (422, False), "top_k=%2B2": (200, False), "top_k=%D9%A3": (422, False),
+           "top_k=two": (422, False), "top_k=1&top_k=2": (200, False), "version=0": (422, False),
+           "version=-1": (422, False), "model=": (200, False), "model=" + "x" * 65: (422, False),
+           "unknown=1": (200, False)}
 
 
-@pytest.mark.parametrize("query", QUERIES)
+@pytest.mark.parametrize("query", list(QUERIES))
 async def test_a_raw_image_gets_the_same_answer_either_way(store: Path, monkeypatch: pytest.MonkeyPatch,
                                                            query: str) -> None:
+    status, fast_path = QUERIES[query]
     fast, slow = await both_ways(store, monkeypatch, None, lambda c: c.post(
-        f"/predict?{query}", content=jpeg(250), headers={"Content-Type": "image/jpeg"}))
+        f"/predict?{query}", content=jpeg(250), headers={"Content-Type": "image/jpeg"}), fast_path)
     assert fast == slow
+    assert fast[0] == status, fast
+    if status == 200:
+        assert fast[1]["predictions"][0]["top"][0]["label"] == "bright"
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY},
@@ -75,19 +91,22 @@ async def test_a_raw_image_gets_the_same_answer_either_way(store: Path, monkeypa
                          ids=["none", "bearer", "x-api-key", "wrong", "wrong-bearer"])
 async def test_the_api_key_is_checked_the_same_either_way(store: Path, monkeypatch: pytest.MonkeyPatch,
                                                           headers: dict[str, str]) -> None:
+    right = KEY in "".join(headers.values())
     fast, slow = await both_ways(store, monkeypatch, KEY, lambda c: c.post(
-        "/predict", content=jpeg(10), headers={"Content-Type": "image/jpeg", **headers}))
+        "/predict", content=jpeg(10), headers={"Content-Type": "image/jpeg", **headers}), right)
     assert fast == slow
-    assert fast[0] == (200 if KEY in "".join(headers.values()) else 401)
+    assert fast[0] == (200 if right else 401)
 
 
-@pytest.mark.parametrize(("body", "ctype"), [(b"", "image/jpeg"), (b"not an image", "image/png"),
-                                        (b"%PDF-1.7", "application/octet-stream"), (jpeg(128), "image/webp")])
+@pytest.mark.parametrize(("body", "ctype", "status"), [
+    (b"", "image/jpeg", 400), (b"not an image", "image/png", 415), (b"%PDF-1.7", "application/octet-stream", 415),
+    (jpeg(128), "image/webp", 200)])  # the declared type is a hint: the bytes decide
 async def test_bad_bodies_get_the_same_error_either_way(store: Path, monkeypatch: pytest.MonkeyPatch,
-                                                        body: bytes, ctype: str) -> None:
+                                                        body: bytes, ctype: str, status: int) -> None:
     fast, slow = await both_ways(store, monkeypatch, None, lambda c: c.post(
-        "/predict", content=body, headers={"Content-Type": ctype}))
+        "/predict", content=body, headers={"Content-Type": ctype}), True)
     assert fast == slow
+    assert fast[0] == status, fast
 
 
 MULTIPART: dict[str, dict[str, Any]] = {
@@ -108,7 +127,8 @@ MULTIPART_STATUS = {"one image": 200, "two images": 200, "not an image": 415, "t
 @pytest.mark.parametrize("case", list(MULTIPART))
 async def test_a_multipart_upload_gets_the_same_answer_either_way(store: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   case: str) -> None:
-    fast, slow = await both_ways(store, monkeypatch, None, lambda c: c.post("/predict?top_k=2", **MULTIPART[case]))
+    fast, slow = await both_ways(store, monkeypatch, None, lambda c: c.post("/predict?top_k=2", **MULTIPART[case]),
+                                 True)
     assert fast == slow
     assert fast[0] == MULTIPART_STATUS.get(case, 400), fast
 

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.batcher import Batcher, BatcherStopped, BatchFailed, DeadlineExceeded, QueueFull
-from tests.conftest import REPO
-from tests.service.test_batcher import FakeClock, settle
+from tests.support import REPO, FakeClock, settle
 
 
 def test_atheris_fuzzes_the_decoder() -> None:
-    pytest.importorskip("atheris")
-    runs = 3000
+    import atheris  # noqa: F401 - a dev dependency: missing, this fails instead of skipping
+
+    # the run count the fuzzer's own usage says CI runs
+    runs = int(re.search(r"-runs=(\d+) +# what CI runs", (REPO / "fuzz" / "fuzz_decode.py").read_text()).group(1))  # type: ignore[union-attr]
     r = subprocess.run([sys.executable, "fuzz/fuzz_decode.py", f"-runs={runs}", "-rss_limit_mb=2048", "-seed=20261202",
                         "-artifact_prefix=/tmp/imgserve-fuzz-"], cwd=REPO, capture_output=True, text=True,
                        timeout=600)
@@ -71,18 +72,20 @@ async def _program(ops: list[tuple[str, object, object]], max_batch: int, max_qu
                                                max_queue_rows=max_queue, clock=clock, batches_in_flight=in_flight)
     b.start()
     futures: list[tuple[int, asyncio.Future[object]]] = []
-    refused = 0
     counter = 1
     for op, a, c in ops:
         if op == "submit":
             items = list(range(counter, counter + int(a)))  # type: ignore[call-overload]
             counter += int(a)  # type: ignore[call-overload]
             deadline = None if c is None else clock.now() + float(c)  # type: ignore[arg-type]
+            queued = b.depth
             try:
                 futs = b.submit(items, deadline)
             except QueueFull:
-                refused += 1
+                assert queued + len(items) > max_queue, "refused though the rows fit"
                 continue
+            assert queued + len(items) <= max_queue, "accepted past the queue bound"
+            assert b.depth == queued + len(items), "every accepted row is queued"
             futures.extend(zip(items, futs, strict=True))
         elif op == "cancel" and futures:
             futures[int(a) % len(futures)][1].cancel()  # type: ignore[call-overload]

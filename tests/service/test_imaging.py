@@ -15,7 +15,7 @@ from PIL import Image
 
 from service import imaging
 from service.imaging import ImageError, ImageTooLarge, UnsupportedImageFormat, decode_image
-from tests.conftest import REPO
+from tests.support import REPO
 
 
 def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:

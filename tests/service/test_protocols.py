@@ -16,8 +16,7 @@ from asgi_lifespan import LifespanManager
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import FakeClassifier, write_fake_version
-from tests.service.test_app import LABELS, jpeg, wait_ready
+from tests.support import LABELS, FakeClassifier, jpeg, wait_ready, write_fake_version
 
 B64 = base64.b64encode(jpeg(250)).decode()
 PIX = [[[0, 0, 0]] * 16] * 16

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from service import store
-from tests.conftest import write_fake_version
+from tests.support import write_fake_version
 
 META = {"created_at": "2026-01-01T00:00:00Z", "labels": ["a", "b"], "backbone": "cnn",
         "input": {"height": 8, "width": 8, "channels": 3, "dtype": "uint8", "color": "RGB"}}

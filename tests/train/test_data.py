@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 from train.data import DatasetError, discover, load_split, stratified_split
 from train.synthetic import make_dataset
 

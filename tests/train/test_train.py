@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from service.imaging import load_image
 from service.runtimes.tensorflow import SavedModelRuntime as SavedModelClassifier
-from tests.conftest import Trained
+from tests.support import Trained
 from train.model import build_backbone
 from train.pipeline import TrainConfig, run
 
@@ -48,6 +48,7 @@ def test_vgg16_two_phase_publish_and_reload(tmp_path: Path, clothing: Path) -> N
     np.testing.assert_allclose(SavedModelClassifier(vdir).predict(images), served, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_trained_fixture_signature(trained: Trained) -> None:
     clf = SavedModelClassifier(trained.store / trained.name / str(trained.version))
     sig = clf._fn
@@ -204,9 +205,29 @@ def test_auto_precision_takes_bfloat16_only_where_it_is_native(monkeypatch: pyte
         keras.mixed_precision.set_global_policy("float32")
 
 
+def cpuinfo_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="a GPU decides instead")
-def test_native_bfloat16_follows_the_cpu_flags() -> None:
-    from service.cpu import cpu_has_bf16
+def test_native_bfloat16_is_the_cpus_bfloat16_instructions() -> None:
     from train.pipeline import native_bfloat16
 
-    assert native_bfloat16() == cpu_has_bf16()  # no GPU: the CPU decides
+    flags = cpuinfo_flags()  # read here, not through service.cpu: the contract, not the code
+    assert native_bfloat16() == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+@pytest.mark.parametrize(("capability", "want"), [((7, 5), False), ((8, 0), True), ((9, 0), True), (None, False)])
+def test_on_a_gpu_its_compute_capability_decides(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] | None,
+                                                 want: bool) -> None:
+    import train.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline.tf.config, "list_physical_devices",
+                        lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    monkeypatch.setattr(pipeline.tf.config.experimental, "get_device_details",
+                        lambda dev: {} if capability is None else {"compute_capability": capability})
+    monkeypatch.setattr(pipeline, "cpu_has_bf16", lambda: not want)  # the CPU must not be what decides
+    assert pipeline.native_bfloat16() is want
