@@ -95,6 +95,9 @@ async def infer(request: Request, model: str | None, version: int | None, parse:
         with served.batcher.incoming():  # rows on their way: the batcher may wait for them
             images = await parse(served)
             check_count(len(images), settings)
+            if served.batcher.depth + len(images) > served.batcher.max_queue_rows:  # filled while the body came
+                raise _overloaded(served, state.metrics, f"the queue holds {served.batcher.depth} of "
+                                  f"{served.batcher.max_queue_rows} rows; {len(images)} more do not fit")
             h, w = served.meta.input.height, served.meta.input.width
             rows = images.pixels or await decode_all(images.blobs, h, w, settings, state.decode_pool, state.metrics)
         outcome = await run_rows(request, served, rows, deadline, state.metrics)

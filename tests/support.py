@@ -13,11 +13,11 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import cv2
@@ -32,6 +32,7 @@ __all__ = ["REPO", "SHARED", "ConstantModel", "FakeClassifier", "ServerProcess",
 CLOTHING = SHARED / "datasets" / "clothing-small"
 LABELS = ["dark", "mid", "bright"]  # FakeClassifier's classes, by the red value of the image
 LiveServer = ServerProcess
+T = TypeVar("T")
 
 
 # -- waiting on conditions -------------------------------------------------------------------------------
@@ -61,6 +62,19 @@ async def eventually(condition: Callable[[], object], timeout: float = 10, what:
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what} did not happen within {timeout} s")
         await asyncio.sleep(0.002)
+
+
+async def eventually_async(call: Callable[[], Awaitable[T]], good: Callable[[T], object], timeout: float = 30,
+                           what: str = "the awaited condition") -> T:
+    """Await `call()` until `good(result)` holds, and return that result (for conditions read over ASGI)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await call()
+        if good(got):
+            return got
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s; last: {got!r}")
+        await asyncio.sleep(0.005)
 
 
 async def settle() -> None:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import re
+import select
 import shutil
 import signal
 import socket
 import struct
-import threading
-import time
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -201,11 +200,9 @@ def test_oversized_upload_refused_without_reading_it(server: LiveServer) -> None
     with socket.create_connection((host, int(port)), timeout=10) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                   b"Content-Length: 500000000\r\n\r\n")  # 500 MB announced, none sent
-        t = time.monotonic()
         answer = b""
-        while chunk := s.recv(4096):  # the server answers and closes without waiting for the body
+        while chunk := s.recv(4096):  # the server answers and closes without waiting for the body (else: timeout)
             answer += chunk
-        assert time.monotonic() - t < 5
     assert answer.startswith(b"HTTP/1.1 413")
     assert b"limit" in answer
 
@@ -220,28 +217,20 @@ def test_chunked_upload_over_the_limit(server: LiveServer) -> None:
 
 
 def test_slow_client_times_out_and_nobody_else_waits(server: LiveServer) -> None:
+    """A body that trickles in gets 408 after IMGSERVE_BODY_TIMEOUT_S (2 s here); requests on other
+    connections are answered meanwhile: the first of them before the slow one's answer exists."""
     host, port = server.url.removeprefix("http://").split(":")
-    answers: list[bytes] = []
-
-    def slowloris() -> None:
-        with socket.create_connection((host, int(port)), timeout=20) as s:
-            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
-                      b"Content-Length: 100000\r\n\r\n")
-            try:
-                for i in range(100):
-                    s.sendall(REAL[i : i + 1])
-                    time.sleep(0.05)
-            except OSError:
-                pass
-            answers.append(s.recv(4096))
-
-    t = threading.Thread(target=slowloris)
-    t.start()
-    time.sleep(0.3)
-    started = time.monotonic()
-    for _ in range(5):  # others are served at once while the slow body trickles in
-        r = httpx.post(server.url + "/predict", content=REAL, headers={"Content-Type": "image/jpeg"}, timeout=10)
-        assert r.status_code == 200
-    assert time.monotonic() - started < 4
-    t.join(30)
-    assert answers and answers[0].startswith(b"HTTP/1.1 408"), answers
+    slow = socket.create_connection((host, int(port)), timeout=30)
+    slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+                 + REAL[:1])
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            r = client.post("/predict", content=REAL, headers={"Content-Type": "image/jpeg"})
+            pending, _, _ = select.select([slow], [], [], 0)
+            assert r.status_code == 200 and not pending, "another connection waited for the slow body"
+            for _ in range(4):
+                assert client.post("/predict", content=REAL, headers={"Content-Type": "image/jpeg"}).status_code == 200
+        answer = slow.recv(4096)  # the server gives up on the body by itself
+    finally:
+        slow.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer

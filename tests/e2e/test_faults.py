@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from tests.support import (
     burst,
     clone_version,
     clothing_images,
+    metric_sum,
     served_everywhere,
     start_server,
     wait_until,
@@ -57,7 +59,8 @@ def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path, ser
         statuses = {int(k): v for k, v in result["statuses"].items()}  # type: ignore[union-attr]
         assert set(statuses) <= {200, 429, 504}, statuses
         assert statuses.get(429, 0) > 0, f"150% of {capacity:.0f}/s against a 16-row queue must overflow it"
-        assert result["p99_ms"] < deadline_ms + 500, result  # accepted requests are answered within the deadline
+        # (how fast accepted requests are answered under overload is measured by `python -m bench.soak --rate 1.5`,
+        # not bounded here: the server decides only that a request past its deadline gets 504, counted below)
         # every request the server answered reached the client, with the status the server counted
         # (h2load waits for its last answers), and the client saw no reset or timeout
         served = served_by_status(counted)
@@ -66,21 +69,42 @@ def test_overload_answers_only_200_429_504(trained: Trained, tmp_path: Path, ser
         # over the limit is answered at once, with Retry-After, before the body is read: a burst of twice
         # the in-flight limit of every process, however the kernel spreads the connections
         clients = 2 * Settings(max_queue_rows=16).inflight_limit * server_processes
+        refused_before = settled_refusals(server)
+        decoded_before = server.metric("imgserve_decode_seconds_count")
         answers = burst(server.url, image.read_bytes(), clients)
         full = [a for a in answers if a.status == 429]
         assert {a.status for a in answers} <= {200, 429, 504}, answers
         assert full, f"{clients} requests at once against {server_processes} x {clients // 2 // server_processes}"
-        quickest = min(full, key=lambda a: a.elapsed_s)  # the others' times include the test's threads taking turns
-        assert int(quickest.headers["retry-after"]) >= 1
-        assert json.loads(quickest.body)["code"] == "queue_full"
-        assert quickest.elapsed_s < 1.0, quickest
+        for a in full:
+            assert int(a.headers["retry-after"]) >= 1 and json.loads(a.body)["code"] == "queue_full", a
+        # every 429 is counted as refused for the in-flight limit (before its body was read) or for the
+        # full queue (before its rows were queued; tests/service/test_app.py shows it is before decoding),
+        # and nothing refused before its body was read was decoded
+        refused = {k: v - refused_before[k] for k, v in settled_refusals(server).items()}
+        assert refused["busy"] + refused["queue_full"] == len(full), (refused, len(full))
+        decoded = server.metric("imgserve_decode_seconds_count") - decoded_before
+        assert decoded <= clients - refused["busy"], (decoded, clients, refused)
         assert server.rss() < rss_before * 1.5 + 200 * 2**20
-        # refused before the body was read (in-flight limit) or before decoding (queue full)
-        assert server.metric("imgserve_rejections_total", reason="busy") + \
-            server.metric("imgserve_rejections_total", reason="queue_full") > 0
         assert server.proc.poll() is None
     finally:
         server.stop(signal.SIGKILL)
+
+
+def settled_refusals(server: LiveServer) -> dict[str, float]:
+    """The server's refusals by reason, once two reads agree (a refusal is counted after its answer is sent)."""
+    def read() -> dict[str, float]:
+        text = server.metrics()
+        return {r: metric_sum(text, "imgserve_rejections_total", reason=r) for r in ("busy", "queue_full")}
+
+    last: dict[str, dict[str, float]] = {}
+
+    def agreed() -> dict[str, float] | None:
+        now = read()
+        same = last.get("v") == now
+        last["v"] = now
+        return now if same else None
+
+    return wait_until(agreed, 30, "two equal reads of the refusal counts", every=0.2)  # type: ignore[no-any-return]
 
 
 def test_expired_rows_are_never_run(live: LiveServer) -> None:
@@ -101,7 +125,15 @@ def test_expired_rows_are_never_run(live: LiveServer) -> None:
     assert refused >= expired
 
 
-def test_sigkill_under_load_then_restart(trained: Trained, tmp_path: Path) -> None:
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigkill_leaves_no_process_serving(trained: Trained, tmp_path: Path, server_processes: int) -> None:
     shutil.copytree(trained.store, tmp_path / "store")
     server = start_server(tmp_path / "store", tmp_path)
     image = clothing_images(1)[0].read_bytes()
@@ -123,14 +155,21 @@ def test_sigkill_under_load_then_restart(trained: Trained, tmp_path: Path) -> No
     for t in threads:
         t.start()
     assert wait_until(lambda: len(outcomes) > 20, 30)
+    pids = server.pids()  # the supervisor and its workers, or the one process
+    assert len(pids) == (1 if server_processes == 1 else 1 + server_processes), pids
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait(10)
-    time.sleep(1)
+    # its workers die with it (PR_SET_PDEATHSIG): none is left serving on the port, which is free again
+    wait_until(lambda: not any(alive(p) for p in pids), 30, "every server process to exit")
+    n = len(outcomes)
+    wait_until(lambda: len(outcomes) > n + 8 and all(o == "ConnectError" for o, _ in outcomes[-4:]), 30,
+               "clients to find nothing listening")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", server.port))
     stop.set()
     for t in threads:
         t.join(15)
         assert not t.is_alive(), "a client hung"
-    assert all(d < 10.5 for _, d in outcomes), max(d for _, d in outcomes)
     assert {o for o, _ in outcomes} <= {"200", "ConnectError", "RemoteProtocolError", "ReadError",
                                         "WriteError", "ConnectTimeout"}
     restarted = start_server(tmp_path / "store", tmp_path)
@@ -221,8 +260,9 @@ def test_broken_version_cases(live: LiveServer, trained: Trained, case: str) -> 
             assert wait_until(lambda: _state(live, new) == "FAILED", 60)  # imports TensorFlow: seconds)
             assert wait_until(lambda: live.metric("imgserve_model_loads_total", model="clothing",
                                                 outcome="failure") >= len(live.workers()), 60)  # by every process
-        else:
-            time.sleep(3)  # several polls
+        else:  # the empty folder is seen by several scans of every process, and never served
+            scans = live.metric("imgserve_store_scans_total")
+            wait_until(lambda: live.metric("imgserve_store_scans_total") >= scans + 3 * len(live.workers()), 60)
         n = len(load.results)
         assert wait_until(lambda: len(load.results) > n + 5)
     assert load.errors == [] and {s for s, _, _ in load.results} == {200}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import tritonclient.http as triton
 
 from service.imaging import load_image
-from tests.support import LiveServer, Trained, clothing_images, metric_sum
+from tests.support import LiveServer, Trained, clothing_images, metric_sum, served_runtime, start_server
 
 pytestmark = pytest.mark.slow
 
@@ -121,31 +122,45 @@ def test_tf_serving_rest_as_documented(live: LiveServer, trained: Trained) -> No
     assert [d["size"] for d in sig["outputs"]["probabilities"]["tensor_shape"]["dim"]] == ["-1", str(k)]
 
 
-def test_all_protocols_share_batches(live: LiveServer, trained: Trained) -> None:
-    path = clothing_images(1)[0]
-    b64 = base64.b64encode(path.read_bytes()).decode()
-    client = triton.InferenceServerClient(url=live.url.removeprefix("http://"), concurrency=1)
+def test_all_protocols_share_batches(trained: Trained, tmp_path: Path) -> None:
+    """One request per protocol, with a batch that closes only when it holds three rows: the three rows
+    are run together, as one batch, and each caller gets its own answer."""
+    shutil.copytree(trained.store, tmp_path / "store")
+    server = start_server(tmp_path / "store", tmp_path, IMGSERVE_MAX_BATCH_SIZE="3", IMGSERVE_MAX_BATCH_DELAY_MS="10000",
+                          IMGSERVE_FLUSH_WHEN_IDLE="false", IMGSERVE_INLINE_RUN_MAX_MS="0",
+                          IMGSERVE_WARMUP_BATCH_SIZES="1,3")
+    try:
+        paths = clothing_images(3)
+        host = server.url.removeprefix("http://")
 
-    def native(_: int) -> int:
-        return httpx.post(live.url + "/predict", files={"file": (path.name, path.read_bytes())}, timeout=30).status_code
+        def native() -> list[float]:
+            r = httpx.post(server.url + "/predict?top_k=1", files={"file": (paths[0].name, paths[0].read_bytes())},
+                           timeout=60)
+            assert r.status_code == 200, r.text
+            return [r.json()["predictions"][0]["top"][0]["index"]]
 
-    def tfs(_: int) -> int:
-        return httpx.post(live.url + "/v1/models/clothing:predict", json={"instances": [{"b64": b64}]},
-                          timeout=30).status_code
+        def tfs() -> list[float]:
+            b64 = base64.b64encode(paths[1].read_bytes()).decode()
+            r = httpx.post(server.url + "/v1/models/clothing:predict", json={"instances": [{"b64": b64}]}, timeout=60)
+            assert r.status_code == 200, r.text
+            return [int(np.argmax(r.json()["predictions"][0]))]
 
-    def kserve(_: int) -> int:
-        inp = triton.InferInput("images", [1], "BYTES")
-        inp.set_data_from_numpy(np.array([path.read_bytes()], dtype=np.object_))
-        triton.InferenceServerClient(url=live.url.removeprefix("http://")).infer("clothing", [inp])
-        return 200
+        def kserve() -> list[float]:
+            inp = triton.InferInput("images", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([paths[2].read_bytes()], dtype=np.object_))
+            out = triton.InferenceServerClient(url=host, network_timeout=60).infer("clothing", [inp])
+            return [int(np.argmax(out.as_numpy("probabilities")[0]))]
 
-    before = httpx.get(live.url + "/metrics").text
-    with ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(f, i) for i in range(8) for f in (native, tfs, kserve)]
-        assert [f.result() for f in futures] == [200] * 24
-    after = httpx.get(live.url + "/metrics").text
-
-    batches = metric_sum(after, "imgserve_batch_size_count") - metric_sum(before, "imgserve_batch_size_count")
-    rows = metric_sum(after, "imgserve_batch_size_sum") - metric_sum(before, "imgserve_batch_size_sum")
-    assert rows == 24 and batches < 24  # the three protocols' rows were run together
-    client.close()
+        before = server.metrics()
+        with ThreadPoolExecutor(3) as pool:
+            got = [f.result() for f in [pool.submit(native), pool.submit(tfs), pool.submit(kserve)]]
+        after = server.metrics()
+        batches = metric_sum(after, "imgserve_batch_size_count") - metric_sum(before, "imgserve_batch_size_count")
+        rows = metric_sum(after, "imgserve_batch_size_sum") - metric_sum(before, "imgserve_batch_size_sum")
+        assert (rows, batches) == (3, 1)  # the three protocols' rows were run together
+        # each caller got its own image's answer
+        model = served_runtime(trained)
+        together = model.predict(np.stack([load_image(p, trained.height, trained.width) for p in paths]))
+        assert [g[0] for g in got] == [int(i) for i in together.argmax(1)]
+    finally:
+        server.stop()

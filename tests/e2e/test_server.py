@@ -161,32 +161,37 @@ def test_broken_version_is_refused_old_keeps_serving(live: LiveServer, trained: 
 
 
 def test_sigterm_under_load_loses_no_accepted_request(trained: Trained, tmp_path: Path) -> None:
+    """On SIGTERM readiness turns 503 while the queued rows still wait (for IMGSERVE_SHUTDOWN_DELAY_S, the
+    listener open), new requests get 503, then every queued row is run and answered and the process exits 0."""
     store = tmp_path / "store"
     shutil.copytree(trained.store, store)
-    # a long batch delay keeps rows queued when the signal arrives, so draining has work to do
-    server = start_server(store, tmp_path, IMGSERVE_MAX_BATCH_DELAY_MS="300", IMGSERVE_MAX_BATCH_SIZE="64",
-                          IMGSERVE_FLUSH_WHEN_IDLE="false")
+    # a batch delay far longer than the test keeps rows queued until the drain runs them
+    server = start_server(store, tmp_path, IMGSERVE_MAX_BATCH_DELAY_MS="10000", IMGSERVE_MAX_BATCH_SIZE="64",
+                          IMGSERVE_FLUSH_WHEN_IDLE="false", IMGSERVE_INLINE_RUN_MAX_MS="0",
+                          IMGSERVE_SHUTDOWN_DELAY_S="8")
     image = clothing_images(1)[0]
-    outcomes: list[object] = []
 
     def one(_: int) -> object:
         try:
-            with httpx.Client(base_url=server.url, timeout=30) as client:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
                 return post(client, image).status_code
         except httpx.HTTPError as exc:
             return type(exc).__name__
 
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(one, i) for i in range(16)]
-        assert wait_until(lambda: "imgserve_queue_depth" in httpx.get(server.url + "/metrics").text
-                        and server.metric("imgserve_queue_depth") >= 8, timeout=20)
+        wait_until(lambda: server.metric("imgserve_queue_depth") >= 8, 60, "8 rows queued")
         server.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(server.url + "/health/ready").status_code == 503, 30, "readiness 503")
+        assert not all(f.done() for f in futures), "readiness turned 503 before the drain answered the queue"
+        late = httpx.post(server.url + "/predict", content=image.read_bytes(), headers={"Content-Type": "image/jpeg"})
+        assert late.status_code == 503 and late.json()["code"] == "draining", late.text
+        assert httpx.get(server.url + "/health/live").status_code == 200
         outcomes = [f.result() for f in futures]
     assert server.proc.wait(60) == 0
     assert outcomes.count(200) == 16, outcomes  # queued before the signal: all answered
     assert "draining" in server.logs()
-    after = one(0)
-    assert after == "ConnectError"
+    assert one(0) == "ConnectError"
 
 
 def test_mixed_precision_setting(trained: Trained, tmp_path: Path) -> None:

@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
 from service.app import create_app
 from service.settings import Settings
-from tests.support import LABELS, FakeClassifier, jpeg, metric_sum, wait_ready, write_fake_version
+from tests.support import (
+    LABELS,
+    FakeClassifier,
+    app_client,
+    eventually,
+    eventually_async,
+    jpeg,
+    metric_sum,
+    wait_ready,
+    write_fake_version,
+)
 
 
 @pytest.fixture
@@ -132,13 +145,12 @@ async def test_broken_version_is_refused_and_old_keeps_serving(client: httpx.Asy
     bad = tmp_path / "fake" / "2"
     bad.mkdir()
     (bad / "model.json").write_text("{not json")
-    for _ in range(50):
+    async def states() -> dict[int, str]:
         models = (await client.get("/v1/models")).json()["models"]
-        states = {v["version"]: v["state"] for v in models[0]["versions"]}
-        if states.get(2) == "FAILED":
-            break
-        await asyncio.sleep(0.05)
-    assert states == {1: "AVAILABLE", 2: "FAILED"}
+        return {v["version"]: v["state"] for v in models[0]["versions"]}
+
+    seen = await eventually_async(states, lambda got: got.get(2) == "FAILED")
+    assert seen == {1: "AVAILABLE", 2: "FAILED"}
     r = await client.post("/predict", content=jpeg(250), headers={"Content-Type": "image/jpeg"})
     assert r.status_code == 200 and r.json()["version"] == 1
     assert 'imgserve_model_loads_total{model="fake",outcome="failure"} 1.0' in (await client.get("/metrics")).text
@@ -146,13 +158,14 @@ async def test_broken_version_is_refused_and_old_keeps_serving(client: httpx.Asy
 
 async def test_new_version_is_swapped_in(client: httpx.AsyncClient, tmp_path: Path) -> None:
     write_fake_version(tmp_path, "fake", 2, LABELS)
-    for _ in range(100):
+
+    async def predict() -> httpx.Response:
         r = await client.post("/predict", content=jpeg(250), headers={"Content-Type": "image/jpeg"})
-        assert r.status_code == 200
-        if r.json()["version"] == 2:
-            break
-        await asyncio.sleep(0.02)
-    assert r.json()["version"] == 2 and r.headers["x-model-version"] == "2"
+        assert r.status_code == 200  # every request is answered, by version 1 until the swap
+        return r
+
+    r = await eventually_async(predict, lambda r: r.json()["version"] == 2)
+    assert r.headers["x-model-version"] == "2"
 
 
 async def test_not_ready_without_models(tmp_path: Path) -> None:
@@ -167,16 +180,13 @@ async def test_not_ready_without_models(tmp_path: Path) -> None:
 
 async def test_warmup_failure_is_refused(tmp_path: Path) -> None:
     write_fake_version(tmp_path, "fake", 1, LABELS)
-    app = create_app(Settings(model_store=tmp_path), loader=lambda p, m: FakeClassifier(m, fail_warmup=True))
-    async with LifespanManager(app) as manager:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
-            for _ in range(50):
-                models = (await c.get("/v1/models")).json()["models"]
-                if models and models[0]["versions"][0]["state"] == "FAILED":
-                    break
-                await asyncio.sleep(0.02)
-            assert "warm-up exploded" in models[0]["versions"][0]["reason"]
-            assert (await c.get("/health/ready")).status_code == 503
+    async with app_client(tmp_path, loader=lambda p, m: FakeClassifier(m, fail_warmup=True), ready=False) as c:
+        async def models() -> list[dict[str, Any]]:
+            return (await c.get("/v1/models")).json()["models"]  # type: ignore[no-any-return]
+
+        got = await eventually_async(models, lambda m: bool(m) and m[0]["versions"][0]["state"] == "FAILED")
+        assert "warm-up exploded" in got[0]["versions"][0]["reason"]
+        assert (await c.get("/health/ready")).status_code == 503
 
 
 async def test_models_allowlist(tmp_path: Path) -> None:
@@ -206,10 +216,10 @@ async def test_model_json_batching_block_overrides_the_settings(tmp_path: Path) 
     app = create_app(settings, loader=loader)
     async with LifespanManager(app) as manager:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
-            for _ in range(200):
-                if (await c.get("/health/ready")).json().get("models", {}).keys() == {"small", "other"}:
-                    break
-                await asyncio.sleep(0.02)
+            async def ready() -> dict[str, Any]:
+                return (await c.get("/health/ready")).json()  # type: ignore[no-any-return]
+
+            await eventually_async(ready, lambda r: r.get("models", {}).keys() == {"small", "other"})
             for name in ("small", "other"):
                 fakes[name].batches.clear()  # drop warm-up
                 rs = await asyncio.gather(*(c.post(f"/predict?model={name}", content=jpeg(v),
@@ -256,8 +266,7 @@ async def test_over_the_inflight_limit_is_refused_before_the_body_is_read(tmp_pa
             await wait_ready(c)
             held = [asyncio.create_task(c.post("/predict", content=slow_body(jpeg(200)),
                                                headers={"Content-Type": "image/jpeg"})) for _ in range(2)]
-            while body_reads < 2:
-                await asyncio.sleep(0.01)
+            await eventually(lambda: body_reads >= 2, what="two bodies being read")
             refused = await c.post("/predict", content=slow_body(jpeg(200)), headers={"Content-Type": "image/jpeg"})
             assert refused.status_code == 429
             assert refused.json()["code"] == "queue_full" and refused.headers["retry-after"] == "1"
@@ -300,3 +309,47 @@ async def test_a_lone_request_runs_inline_on_an_idle_cheap_model(tmp_path: Path,
     idle = metric_sum(metrics, "imgserve_batches_total", model="fake", version="1", reason="idle")
     assert (inline, idle) == ((2, 0) if inline_ms else (0, 2))
     assert metric_sum(metrics, "imgserve_rows_total", model="fake", version="1") == 2
+
+
+async def test_a_full_queue_is_refused_before_decoding(tmp_path: Path) -> None:
+    """Past the queue's rows, a request is refused before its images are decoded: when the queue is
+    full as it arrives (before its body is read) and when its images would not fit (once read)."""
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    gate = threading.Event()
+    gate.set()  # warm-up runs freely
+
+    class Held(FakeClassifier):
+        def predict(self, images: np.ndarray) -> np.ndarray:
+            gate.wait(30)
+            return super().predict(images)
+
+    async with app_client(tmp_path, loader=lambda p, m: Held(m), max_queue_rows=2, max_batch_size=1,
+                          max_batch_delay_ms=0, inline_run_max_ms=0) as c:
+        gate.clear()
+        served = c.app.state.registry.served["fake"]  # type: ignore[attr-defined]
+
+        def post(**kw: Any) -> asyncio.Task[httpx.Response]:
+            kw = kw or {"content": jpeg(10), "headers": {"Content-Type": "image/jpeg"}}
+            return asyncio.create_task(c.post("/predict", **kw))
+
+        def decoded(text: str) -> float:
+            return metric_sum(text, "imgserve_decode_seconds_count")
+
+        running = post()
+        await eventually(lambda: served.batcher.depth == 0 and served.inflight == 1, what="the first row running")
+        queued = [post()]
+        await eventually(lambda: served.batcher.depth == 1, what="one row queued")
+        before = decoded((await c.get("/metrics")).text)
+        two = [("file", (f"{i}.jpg", jpeg(10), "image/jpeg")) for i in range(2)]
+        r = await c.post("/predict", files=two)  # 1 queued + 2 > 2 rows: read, then refused undecoded
+        assert r.status_code == 429 and r.json()["code"] == "queue_full", r.text
+        assert "2 more do not fit" in r.json()["error"]
+        queued.append(post())
+        await eventually(lambda: served.batcher.depth == 2, what="the queue full")
+        r = await c.post("/predict", content=jpeg(10), headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 429 and r.json()["code"] == "queue_full"
+        text = (await c.get("/metrics")).text
+        assert decoded(text) == before + 1  # only the request that was queued was decoded
+        assert metric_sum(text, "imgserve_rejections_total", reason="queue_full") == 2
+        gate.set()
+        assert [t.status_code for t in await asyncio.gather(running, *queued)] == [200, 200, 200]

@@ -82,10 +82,7 @@ async def test_rows_accumulate_while_model_is_busy(model: RecordingModel, clock:
     model.gate = threading.Event()
     f1 = b.submit([1])
     await clock.advance(0.005)
-    for _ in range(100):  # the first batch is now inside the model, blocked on the gate
-        if model.batches:
-            break
-        await asyncio.sleep(0.001)
+    await eventually(lambda: model.batches, what="the first batch inside the model, blocked on the gate")
     assert model.batches == [[1]]
     later = b.submit([2, 3]) + b.submit([4])
     await clock.advance(0.010)  # they are overdue, yet the busy model keeps them queued
@@ -199,8 +196,7 @@ async def test_two_batches_in_flight_run_at_once_and_no_more(model: RecordingMod
     model.gate = threading.Event()
     futs = b2.submit([1, 2]) + b2.submit([3, 4]) + b2.submit([5, 6])
     await eventually(lambda: len(model.batches) == 2)  # both slots busy, each in its own thread
-    await settle()
-    await asyncio.sleep(0.05)
+    await settle()  # the batcher decides on the event loop: a third batch would be counted in running_rows
     assert model.batches == [[1, 2], [3, 4]]  # the third batch waits for a free slot
     assert b2.running_rows == 4 and b2.depth == 2
     model.gate.set()
@@ -219,7 +215,7 @@ async def test_stop_waits_for_every_batch_in_flight(model: RecordingModel, clock
     futs = b.submit([1]) + b.submit([2]) + b.submit([3])
     await eventually(lambda: len(model.batches) == 2)
     stopping = asyncio.ensure_future(b.stop(5))
-    await asyncio.sleep(0.05)
+    await settle()
     assert not stopping.done()  # two rows still inside the model, one queued
     model.gate.set()
     await stopping
@@ -236,8 +232,7 @@ async def test_idle_flush_waits_for_the_delay_while_another_batch_runs(model: Re
     await eventually(lambda: len(model.batches) == 1)
     second = b.submit([2])  # a slot is free, but the model is busy: let more rows join, up to the delay
     await settle()
-    await asyncio.sleep(0.02)
-    assert model.batches == [[1]]
+    assert model.batches == [[1]] and b.running_rows == 1 and b.depth == 1  # row 2 waits, not started
     third = b.submit([3])
     await clock.advance(0.010)
     await eventually(lambda: len(model.batches) == 2)
@@ -255,8 +250,8 @@ async def test_waiting_batch_closes_as_soon_as_the_running_one_ends(model: Recor
     first = b.submit([1])
     await eventually(lambda: len(model.batches) == 1)
     second = b.submit([2])  # busy model, a 1000 s delay: only the end of the running batch can close it
-    await asyncio.sleep(0.02)
-    assert model.batches == [[1]]
+    await settle()
+    assert model.batches == [[1]] and b.running_rows == 1 and b.depth == 1
     model.gate.set()
     await wait_done(first + second)  # the clock never moved
     assert model.batches == [[1], [2]]
@@ -368,8 +363,9 @@ async def test_a_costly_partial_batch_does_not_start_beside_a_running_one(model:
     assert model.batches == [[1, 2, 3, 4], [5, 6, 7, 8]]
     lone = b.submit([9])
     await clock.advance(1.0)
-    await asyncio.sleep(0.02)
+    await settle()
     assert model.batches == [[1, 2, 3, 4], [5, 6, 7, 8]]  # a slot is free, yet it waits for the cores
+    assert b.running_rows == 8 and b.depth == 1
     model.gate.set()
     await wait_done(full)
     await clock.advance(0.010)

@@ -3,7 +3,6 @@ repository extension honours the admin key."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 from collections.abc import AsyncIterator
@@ -16,7 +15,7 @@ from asgi_lifespan import LifespanManager
 
 from service.app import create_app
 from service.settings import Settings
-from tests.support import LABELS, FakeClassifier, jpeg, wait_ready, write_fake_version
+from tests.support import LABELS, FakeClassifier, eventually_async, jpeg, metric_sum, wait_ready, write_fake_version
 
 B64 = base64.b64encode(jpeg(250)).decode()
 PIX = [[[0, 0, 0]] * 16] * 16
@@ -149,7 +148,11 @@ async def test_repository_extension_needs_admin_key(client: httpx.AsyncClient) -
     assert index == [{"name": "fake", "version": "1", "state": "READY"}]
     assert (await client.post("/v2/repository/models/fake/unload", headers={"X-API-Key": "s3cret"})).status_code == 200
     assert (await client.get("/v2/models/fake/ready")).status_code == 503  # nothing served now
-    await asyncio.sleep(0.2)  # polling must not bring an unloaded model back
+    # polling must not bring an unloaded model back: two full scans later it is still unloaded
+    scans = metric_sum((await client.get("/metrics")).text, "imgserve_store_scans_total")
+    await eventually_async(lambda: client.get("/metrics"),
+                           lambda r: metric_sum(r.text, "imgserve_store_scans_total") >= scans + 2)
+    assert (await client.get("/v2/models/fake/ready")).status_code == 503
     assert (await client.post("/v2/repository/index", headers=auth)).json()[0]["state"] == "UNAVAILABLE"
     r = await client.post("/v2/repository/models/fake/load", headers=auth)
     assert r.status_code == 200 and r.json()["state"] == "READY"
