@@ -164,7 +164,8 @@ def test_sigkill_leaves_no_process_serving(trained: Trained, tmp_path: Path, ser
     n = len(outcomes)
     wait_until(lambda: len(outcomes) > n + 8 and all(o == "ConnectError" for o, _ in outcomes[-4:]), 30,
                "clients to find nothing listening")
-    with socket.socket() as s:
+    with socket.socket() as s:  # as a restarted server would bind it: only a listener still there stops it
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", server.port))
     stop.set()
     for t in threads:

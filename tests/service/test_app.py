@@ -353,3 +353,47 @@ async def test_a_full_queue_is_refused_before_decoding(tmp_path: Path) -> None:
         assert metric_sum(text, "imgserve_rejections_total", reason="queue_full") == 2
         gate.set()
         assert [t.status_code for t in await asyncio.gather(running, *queued)] == [200, 200, 200]
+
+
+async def test_the_other_per_model_batching_keys_override_the_settings(tmp_path: Path) -> None:
+    """`batches_in_flight`, `max_queue_rows` and `flush_when_idle` in a version's `batching` block win over
+    the service-wide settings, and the queue refuses past the model's own bound."""
+    write_fake_version(tmp_path, "own", 1, LABELS,
+                       batching={"batches_in_flight": 2, "max_queue_rows": 3, "flush_when_idle": False})
+    write_fake_version(tmp_path, "plain", 1, LABELS)
+    async with app_client(tmp_path, max_queue_rows=64, batches_in_flight=1, flush_when_idle=True,
+                          inline_run_max_ms=0) as c:
+        await eventually_async(lambda: c.get("/health/ready"),
+                               lambda r: r.status_code == 200 and set(r.json()["models"]) == {"own", "plain"})
+        served = c.app.state.registry.served  # type: ignore[attr-defined]
+        own, plain = served["own"].batcher, served["plain"].batcher
+        assert (own.batches_in_flight, own.max_queue_rows, own.flush_when_idle) == (2, 3, False)
+        assert (plain.batches_in_flight, plain.max_queue_rows, plain.flush_when_idle) == (1, 64, True)
+        files = [("file", (f"{i}.jpg", jpeg(10), "image/jpeg")) for i in range(4)]
+        r = await c.post("/predict?model=own", files=files)  # 4 rows: more than the model's queue holds
+        assert r.status_code == 429 and "3 rows" in r.json()["error"]
+        assert (await c.post("/predict?model=plain", files=files)).status_code == 200
+        text = (await c.get("/metrics")).text
+        assert metric_sum(text, "imgserve_queue_capacity_rows", model="own") == 3
+
+
+@pytest.mark.parametrize(("inline_max", "threads", "pooled"), [(300_000, 3, 0), (0, 3, 1), (100, 1, 1)])
+async def test_decoding_runs_inline_or_in_the_pool_of_the_set_size(tmp_path: Path, inline_max: int, threads: int,
+                                                                   pooled: int) -> None:
+    """A lone image of at most IMGSERVE_INLINE_DECODE_MAX_PIXELS is decoded on the event loop; a larger one
+    (or with 0, every one) in the decoding pool of IMGSERVE_DECODE_THREADS threads."""
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    async with app_client(tmp_path, inline_decode_max_pixels=inline_max, decode_threads=threads) as c:
+        pool = c.app.state.decode_pool  # type: ignore[attr-defined]
+        assert pool._max_workers == threads
+        used: list[object] = []
+        submit = pool.submit
+
+        def counting(fn: Any, *args: Any) -> Any:
+            used.append(fn)
+            return submit(fn, *args)
+
+        pool.submit = counting
+        r = await c.post("/predict", content=jpeg(250), headers={"Content-Type": "image/jpeg"})  # 40 x 40 pixels
+        assert r.status_code == 200 and r.json()["predictions"][0]["top"][0]["label"] == "bright"
+        assert len(used) == pooled
