@@ -231,22 +231,6 @@ async def test_model_json_batching_block_overrides_the_settings(tmp_path: Path) 
             assert list(app.state.registry.served["small"].batching.warmup_sizes) == warm
 
 
-def test_list_and_map_settings_are_typed() -> None:
-    s = Settings(models="a, b,,c", pinned_versions="m=3, n=1", warmup_batch_sizes="1,8", cors_origins="")
-    assert s.models == ["a", "b", "c"] and s.pinned_versions == {"m": 3, "n": 1}
-    assert s.warmup_batch_sizes == [1, 8] and s.cors_origins == []
-    assert s.batching.warmup_sizes == (1, 8)
-    for bad in ({"pinned_versions": "m"}, {"pinned_versions": "m=0"}, {"warmup_batch_sizes": "1,x"}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            Settings(**bad)
-
-
-def test_the_inflight_limit_defaults_to_twice_the_queue_rows() -> None:
-    # a request holds its slot while read, decoded and answered, not only while queued (Settings.inflight_limit)
-    assert Settings(max_queue_rows=16).inflight_limit == 32
-    assert Settings(max_queue_rows=16, max_inflight_requests=5).inflight_limit == 5
-
-
 async def test_over_the_inflight_limit_is_refused_before_the_body_is_read(tmp_path: Path) -> None:
     write_fake_version(tmp_path, "fake", 1, LABELS)
     settings = Settings(model_store=tmp_path, poll_interval_s=0.05, max_inflight_requests=2)
