@@ -108,7 +108,9 @@ function handle(files) {
 $("#files").addEventListener("change", (e) => { handle(e.target.files); e.target.value = ""; });
 $("#model").addEventListener("change", fillVersions);
 const drop = $("#drop");
-drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("#files").click(); } });
+// Enter and Space open the file chooser; on keyup, as a button does: Chromium shows no chooser from a keydown of Enter
+drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") e.preventDefault(); });
+drop.addEventListener("keyup", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("#files").click(); } });
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); handle(e.dataTransfer.files); });

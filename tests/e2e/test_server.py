@@ -182,6 +182,7 @@ def test_sigterm_under_load_loses_no_accepted_request(trained: Trained, tmp_path
         futures = [pool.submit(one, i) for i in range(16)]
         wait_until(lambda: server.metric("imgserve_queue_depth") >= 8, 60, "8 rows queued")
         server.proc.send_signal(signal.SIGTERM)
+        queued = server.metric("imgserve_queue_depth")  # the signal is handled on the event loop: after this read
         wait_until(lambda: httpx.get(server.url + "/health/ready").status_code == 503, 30, "readiness 503")
         assert not all(f.done() for f in futures), "readiness turned 503 before the drain answered the queue"
         late = httpx.post(server.url + "/predict", content=image.read_bytes(), headers={"Content-Type": "image/jpeg"})
@@ -189,7 +190,8 @@ def test_sigterm_under_load_loses_no_accepted_request(trained: Trained, tmp_path
         assert httpx.get(server.url + "/health/live").status_code == 200
         outcomes = [f.result() for f in futures]
     assert server.proc.wait(60) == 0
-    assert outcomes.count(200) == 16, outcomes  # queued before the signal: all answered
+    # every request queued before the signal was answered; one that came after it got 503; none was lost
+    assert set(outcomes) <= {200, 503} and outcomes.count(200) >= queued, (queued, outcomes)
     assert "draining" in server.logs()
     assert one(0) == "ConnectError"
 

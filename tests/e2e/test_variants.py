@@ -25,6 +25,7 @@ from tests.support import (
     clone_version,
     clothing_images,
     served_everywhere,
+    served_runtime,
     start_server,
     wait_until,
 )
@@ -177,3 +178,11 @@ def test_a_short_model_call_runs_on_one_openvino_thread(trained: Trained, monkey
     assert OpenVINORuntime(path, meta, variant, threads=2).threads == 2  # a setting is kept as it is
     monkeypatch.setattr(openvino, "ONE_THREAD_BELOW_S", 0.0)
     assert OpenVINORuntime.converted(path, meta).threads == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_intra_op_threads_setting_reaches_openvino(trained: Trained, threads: int) -> None:
+    """IMGSERVE_INTRA_OP_THREADS is the thread count OpenVINO compiles the variant with."""
+    runtime = served_runtime(trained, intra_op_threads=threads, runtime="openvino")
+    assert runtime.runtime == "openvino"
+    assert runtime._compiled.get_property("INFERENCE_NUM_THREADS") == threads

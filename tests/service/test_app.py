@@ -381,3 +381,30 @@ async def test_decoding_runs_inline_or_in_the_pool_of_the_set_size(tmp_path: Pat
         r = await c.post("/predict", content=jpeg(250), headers={"Content-Type": "image/jpeg"})  # 40 x 40 pixels
         assert r.status_code == 200 and r.json()["predictions"][0]["top"][0]["label"] == "bright"
         assert len(used) == pooled
+
+
+@pytest.mark.parametrize("on", [True, False])
+async def test_opentelemetry_spans_only_when_turned_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       on: bool) -> None:
+    """IMGSERVE_OPENTELEMETRY hands each request to FastAPI's OpenTelemetry support (a span per request
+    through the configured tracer provider); off, no span is started whatever the process configured."""
+    from opentelemetry import trace
+
+    spans: list[str] = []
+
+    class Tracer(trace.NoOpTracer):
+        def start_span(self, name: str, *args: Any, **kwargs: Any) -> trace.Span:
+            spans.append(f"{name} {kwargs.get('attributes', {}).get('url.path')}")
+            return super().start_span(name, *args, **kwargs)
+
+    class Provider(trace.TracerProvider):
+        def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+            return Tracer()
+
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: Provider())
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    async with app_client(tmp_path, opentelemetry=on) as c:
+        spans.clear()
+        r = await c.post("/predict", content=jpeg(250), headers={"Content-Type": "image/jpeg"})
+        assert r.status_code == 200
+    assert spans == (["POST /predict"] if on else [])
