@@ -38,13 +38,16 @@ T = TypeVar("T")
 # -- waiting on conditions -------------------------------------------------------------------------------
 
 def wait_until(condition: Callable[[], object], timeout: float = 60, what: str = "the condition",
-               every: float = 0.05) -> Any:
+               every: float = 0.05, ignoring: tuple[type[BaseException], ...] = ()) -> Any:
     """Poll `condition` until it returns something truthy, and return that; fail naming `what` after
-    `timeout` seconds. The timeout only bounds a test that would otherwise hang: nothing passes or fails
-    on how long the condition took."""
+    `timeout` seconds (exceptions of the `ignoring` types count as not yet). The timeout only bounds a
+    test that would otherwise hang: nothing passes or fails on how long the condition took."""
     deadline = time.monotonic() + timeout
     while True:
-        got = condition()
+        try:
+            got = condition()
+        except ignoring:
+            got = None
         if got:
             return got
         if time.monotonic() >= deadline:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import LiveServer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # schemathesis walks every operation
 
 
 def test_schemathesis_finds_no_server_error(live: LiveServer) -> None:
