@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from service import __version__, runtimes, workers
 from service.api import kserve, native, tfserving
+from service.api import rollout as rollout_api
 from service.api.deps import BODY_MODELS, ORJSONResponse, error_response
 from service.errors import ServiceError
 from service.loading import Loader
@@ -164,7 +165,7 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     app.state.metrics = metrics
     app.state.draining = False
     _error_handlers(app, metrics)
-    for router in (native.router, tfserving.router, kserve.router):
+    for router in (native.router, tfserving.router, kserve.router, rollout_api.router):
         app.include_router(router)
     _with_body_schemas(app)
 

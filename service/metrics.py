@@ -58,6 +58,26 @@ class Metrics:
                                   registry=r)
         self.store_scans = Counter("imgserve_store_scans_total", "Scans of the model store completed, by outcome",
                                    ["outcome"], registry=r)
+        self.rollout_role = Gauge("imgserve_rollout_role",
+                                  "1 for the role (stable, canary, shadow) of a loaded version",
+                                  [*mv, "role"], registry=r, multiprocess_mode="livemax")
+        self.rollout_state_errors = Counter("imgserve_rollout_state_errors_total",
+                                            "Rollout files that could not be used (the last good state stays)",
+                                            ["model"], registry=r)
+        self.shadow_requests = Counter("imgserve_shadow_requests_total",
+                                       "Requests copied to a shadow version, by outcome (compared, dropped for "
+                                       "want of idle capacity, failed)", [*mv, "against", "outcome"], registry=r)
+        self.shadow_agreement = Counter("imgserve_shadow_top1_agreements_total",
+                                        "Shadowed rows whose top-1 class equals the answering version's",
+                                        [*mv, "against"], registry=r)
+        self.shadow_rows = Counter("imgserve_shadow_rows_total", "Rows compared on a shadow version",
+                                   [*mv, "against"], registry=r)
+        self.shadow_top_prob_change = Counter("imgserve_shadow_top_probability_change",
+                                              "Sum over compared rows of the shadow's top probability minus the "
+                                              "answering version's", [*mv, "against"], registry=r)
+        self.shadow_seconds = Histogram("imgserve_shadow_seconds", "Time a shadow copy of a request took",
+                                        [*mv, "against"],
+                                        registry=r)
         self.model_loads = Counter("imgserve_model_loads_total", "Model version loads, by outcome",
                                    ["model", "outcome"], registry=r)
         self.model_version = Gauge("imgserve_model_version_served",

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
@@ -37,6 +38,8 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
+ROUTE_KEY_HEADER = "x-route-key"
+_SHADOW_TASKS: set[asyncio.Task[None]] = set()
 
 
 class ClientGone(Exception):
@@ -68,6 +71,7 @@ class Outcome:
     batch_size: int
     served: ServedVersion
     names: list[str] = field(default_factory=list)
+    role: str = "stable"
 
     def headers(self) -> dict[str, str]:
         rt = self.served.runtime
@@ -75,20 +79,23 @@ class Outcome:
             "X-Model-Name": self.served.name,
             "X-Model-Version": str(self.served.version),
             "X-Model-Runtime": f"{rt.runtime}/{rt.precision}",
+            "X-Model-Role": self.role,
             "Server-Timing": f"queue;dur={self.queue_s * 1e3:.2f}, inference;dur={self.run_s * 1e3:.2f}, "
             f'batch;desc="{self.batch_size}"',
         }
 
 
-async def infer(request: Request, model: str | None, version: int | None, parse: Parser) -> Outcome:
-    """Run one request's images through the version that serves `model` (and `version`)."""
+async def infer(request: Request, model: str | None, version: int | None, parse: Parser,
+                label: str | None = None) -> Outcome:
+    """Run one request's images through the version that serves `model` (the `version` or `label` it names,
+    else stable or canary, see Registry.route), and copy it to a shadow version when one is configured."""
     state = request.app.state
     settings: Settings = state.settings
     deadline = deadline_for(request, settings)
     registry = getattr(state, "registry", None)
     if registry is None:
         raise NotReady("the service is starting")
-    served: ServedVersion = registry.resolve(model, version)
+    served, role = registry.route(model, version, label, request.headers.get(ROUTE_KEY_HEADER))
     if served.batcher.depth >= served.batcher.max_queue_rows:  # no row fits: refuse before reading the body
         raise _overloaded(served, state.metrics, f"the queue holds {served.batcher.depth} rows")
     with served.acquire():
@@ -101,8 +108,48 @@ async def infer(request: Request, model: str | None, version: int | None, parse:
             h, w = served.meta.input.height, served.meta.input.width
             rows = images.pixels or await decode_all(images.blobs, h, w, settings, state.decode_pool, state.metrics)
         outcome = await run_rows(request, served, rows, deadline, state.metrics)
-    outcome.names = images.names
+    outcome.names, outcome.role = images.names, role
+    shadow = registry.shadow(served.name)
+    if shadow is not None and shadow[0] is not served:
+        _maybe_shadow(shadow[0], shadow[1], served, rows, outcome.probabilities, settings, state.metrics)
     return outcome
+
+
+def _maybe_shadow(shadow: ServedVersion, percent: float, served: ServedVersion, rows: Sequence[np.ndarray],
+                  answer: np.ndarray, settings: Settings, metrics: Metrics) -> None:
+    """Copy a share of the requests to the shadow version, only on idle capacity: when the shadow has
+    nothing queued or running and the answering version nothing queued; otherwise the copy is dropped
+    (and counted). The caller's answer is already made and never waits for, or changes with, the shadow."""
+    if random.random() >= percent / 100:
+        return
+    labels = (shadow.name, str(shadow.version), str(served.version))
+    if shadow.meta.input != served.meta.input or shadow.meta.labels != served.meta.labels:
+        metrics.shadow_requests.labels(*labels, "incompatible").inc()
+        return
+    if shadow.batcher.depth or shadow.batcher.running_rows or served.batcher.depth or not shadow.batcher.accepting:
+        metrics.shadow_requests.labels(*labels, "dropped").inc()
+        return
+    task = asyncio.get_running_loop().create_task(_shadow(shadow, labels, list(rows), answer, settings, metrics))
+    _SHADOW_TASKS.add(task)
+    task.add_done_callback(_SHADOW_TASKS.discard)
+
+
+async def _shadow(shadow: ServedVersion, labels: tuple[str, str, str], rows: list[np.ndarray], answer: np.ndarray,
+                  settings: Settings, metrics: Metrics) -> None:
+    t = time.perf_counter()
+    try:
+        with shadow.acquire():
+            futures = shadow.batcher.submit(rows, time.monotonic() + settings.request_timeout_ms / 1000)
+            results = await asyncio.gather(*futures)
+    except Exception:  # a shadow that fails, is full or stops: counted, never the caller's concern
+        metrics.shadow_requests.labels(*labels, "failed").inc()
+        return
+    got = np.stack([r.value for r in results])
+    metrics.shadow_seconds.labels(*labels).observe(time.perf_counter() - t)
+    metrics.shadow_requests.labels(*labels, "compared").inc()
+    metrics.shadow_rows.labels(*labels).inc(len(rows))
+    metrics.shadow_agreement.labels(*labels).inc(int((got.argmax(1) == answer.argmax(1)).sum()))
+    metrics.shadow_top_prob_change.labels(*labels).inc(float((got.max(1) - answer.max(1)).sum()))
 
 
 def deadline_for(request: Request, settings: Settings) -> float:

@@ -33,6 +33,43 @@ def _pins(value: Any) -> Any:
     return out
 
 
+@dataclass(frozen=True)
+class VersionPolicySetting:
+    """Which versions are loaded besides those the rollout names, as TF Serving's version policy has it:
+    `latest:N` (the N newest complete versions that are not held), `all`, `specific:3,5`, or `none`."""
+
+    kind: str = "latest"
+    count: int = 1
+    versions: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest:{self.count}"
+        return f"specific:{','.join(map(str, self.versions))}" if self.kind == "specific" else self.kind
+
+
+def _version_policy(value: Any) -> Any:
+    if isinstance(value, VersionPolicySetting):
+        return value
+    text = str(value).strip().lower()
+    kind, _, rest = text.partition(":")
+    try:
+        if kind == "latest":
+            count = int(rest) if rest else 1
+            if count < 1:
+                raise ValueError
+            return VersionPolicySetting("latest", count)
+        if kind in ("all", "none") and not rest:
+            return VersionPolicySetting(kind)
+        if kind == "specific":
+            versions = tuple(int(v) for v in _comma_list(rest))
+            if versions and all(v >= 1 for v in versions):
+                return VersionPolicySetting("specific", 0, versions)
+    except ValueError:
+        pass
+    raise ValueError(f"version_policy {value!r}: use latest, latest:N, all, none or specific:V1,V2")
+
+
 CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_list)]
 CommaInts = Annotated[list[PositiveInt], NoDecode, BeforeValidator(_comma_list)]
 Pins = Annotated[dict[str, PositiveInt], NoDecode, BeforeValidator(_pins)]
@@ -83,6 +120,14 @@ class Settings(BaseSettings):
         default_factory=dict, description="serve these versions instead of the latest, e.g. 'clothing=3,demo-shapes=1'"
     )
     default_model: str = Field("", description="model used when a request names none (default: the only one)")
+    rollout_mode: Literal["immediate", "gated"] = Field(
+        "gated", description="for a model with no rollout.json: immediate (the newest version takes the traffic) or "
+        "gated (only if its accuracy is within max_accuracy_drop of the version train compared it with); see "
+        "docs/rollout.md")
+    version_policy: Annotated[VersionPolicySetting, NoDecode, BeforeValidator(_version_policy)] = Field(
+        VersionPolicySetting(), description="versions loaded besides stable, canary, shadow and labelled ones "
+        "(addressable by version): latest:N, all, none, specific:V1,V2")
+    max_versions_per_model: int = Field(3, ge=1, le=64, description="versions of one model loaded at once at most")
     poll_interval_s: float = Field(5.0, gt=0, description="how often the store is scanned for new versions")
     max_batch_size: int = Field(32, ge=1, le=1024, description="rows per batch at most")
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000, description="longest wait of a batch's oldest row")

@@ -25,6 +25,7 @@ from service.metadata import ModelMeta
 from train import data as dataset
 from train import report, stopping
 from train.cache import CachedArray, CachedBatches, FeatureCache
+from train.compare import compare_with_previous
 from train.config import TrainConfig
 from train.model import (
     BACKBONES,
@@ -556,9 +557,11 @@ def evaluate(serving: keras.Model, data: Data, cfg: TrainConfig) -> tuple[dict[s
     return metrics, p
 
 
-def build_metadata(cfg: TrainConfig, name: str, data: Data, metrics: dict[str, Any], cache: bool) -> ModelMeta:
+def build_metadata(cfg: TrainConfig, name: str, data: Data, metrics: dict[str, Any], cache: bool,
+                   comparison: dict[str, Any] | None = None) -> ModelMeta:
     training = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "extra_metadata"}
     training.update(cache_features=cache, device=device_description(), tensorflow=tf.__version__)
+    extra: dict[str, Any] = {**({"comparison": comparison} if comparison else {}), **cfg.extra_metadata}
     ds = data.source
     return ModelMeta.create(
         name=name, labels=data.classes, size=(cfg.image_size, cfg.image_size), backbone=cfg.backbone,
@@ -567,7 +570,7 @@ def build_metadata(cfg: TrainConfig, name: str, data: Data, metrics: dict[str, A
                                                "test_images")},
         dataset={"source": str(cfg.data), "presplit": ds.presplit, "class_counts": ds.class_counts(),
                  "skipped_files": len(ds.skipped), "content_sha256": ds.content_hash()},
-        training=training, **cfg.extra_metadata,
+        training=training, **extra,
     )
 
 
@@ -718,7 +721,14 @@ def run(cfg: TrainConfig) -> TrainResult:
         metrics, probs = evaluate(serving, data, cfg)
         fit.timings["evaluate"] = time.perf_counter() - t
         fit.timings["total"] = time.perf_counter() - t0
-        meta = build_metadata(cfg, name, data, metrics, cache)
+        t = time.perf_counter()
+        assert data.y_te is not None, "the test labels are always read"
+        comparison = compare_with_previous(cfg.store, name, data.classes, data.test_images(), data.y_te,
+                                           metrics["accuracy"])
+        fit.timings["compare"] = time.perf_counter() - t
+        if comparison is not None:
+            metrics["comparison"] = comparison
+        meta = build_metadata(cfg, name, data, metrics, cache, comparison)
         t = time.perf_counter()
         final = publish(cfg, meta, serving, data, metrics, probs, fit)
         fit.timings["export"] = time.perf_counter() - t

@@ -190,6 +190,14 @@ def write_report(folder: Path, summary: dict[str, Any]) -> None:
     ]
     for label, row in m["per_class"].items():
         lines.append(f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+    cmp = m.get("comparison")
+    if cmp and "baseline_accuracy" in cmp:
+        change = (cmp["accuracy"] - cmp["baseline_accuracy"]) * 100
+        lines += ["", f"Against version {cmp['baseline_version']} (the one published before), on this run's "
+                      f"{cmp['test_images']} test images: {cmp['baseline_accuracy']:.3f} then, {cmp['accuracy']:.3f} "
+                      f"now ({change:+.2f} points). The service's gated rollout uses this comparison."]
+    elif cmp:
+        lines += ["", f"Not compared with the earlier version: {cmp['reason']}."]
     if "flip_tta_accuracy" in m:
         served = "served" if m.get("flip_tta_served") else "not served; `--flip-tta yes` serves it at twice the cost"
         lines += ["", f"With the mirror image averaged in (flip test-time augmentation, {served}): accuracy "

@@ -124,12 +124,13 @@ async def server_ready(request: Request) -> dict[str, bool]:
     return {"ready": True}
 
 
-def _model_metadata(served: ServedVersion) -> ModelMetadata:
+def _model_metadata(served: ServedVersion, loaded: list[int] | None = None) -> ModelMetadata:
+    """A version's metadata; for the model (no version named), `loaded` lists every version loaded."""
     h, w = served.meta.input.height, served.meta.input.width
     rt = runtime_view(served)
     return ModelMetadata(
         name=served.name,
-        versions=[str(served.version)],
+        versions=[str(v) for v in sorted(loaded)] if loaded else [str(served.version)],
         platform=PLATFORMS.get(rt["runtime"], rt["runtime"]),
         inputs=[TensorMetadata(name="images", datatype="UINT8", shape=[-1, h, w, 3])],
         outputs=[TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, served.meta.num_classes])],
@@ -140,7 +141,8 @@ def _model_metadata(served: ServedVersion) -> ModelMetadata:
 
 @router.get("/v2/models/{model}", summary="Model metadata", responses=ERRORS)
 async def model_metadata(model: str, registry: RegistryDep) -> ModelMetadata:
-    return _model_metadata(registry.resolve(model))
+    served = registry.resolve(model)
+    return _model_metadata(served, sorted(registry.models[served.name].loaded))
 
 
 @router.get("/v2/models/{model}/versions/{version}", summary="Model version metadata", responses=ERRORS)

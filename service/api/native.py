@@ -111,20 +111,24 @@ async def predict(
     request: Request,
     model: Annotated[str | None, Query(description="model name (default: the only or default model)",
                                        max_length=MODEL_NAME_MAX)] = None,
-    version: Annotated[int | None, Query(ge=1, description="version (default: the one served)")] = None,
+    version: Annotated[int | None, Query(ge=1, description="version (default: stable, or the canary for its "
+                                        "share of the traffic)")] = None,
     top_k_: Annotated[int, Query(alias="top_k", ge=1, le=TOP_K_MAX, description="classes per image")] = 5,
+    label: Annotated[str | None, Query(description="a version label: stable, canary, shadow or one an operator set",
+                                       max_length=32)] = None,
 ) -> Response:
-    return await answer(request, model, version, top_k_)
+    return await answer(request, model, version, top_k_, label)
 
 
-async def answer(request: Request, model: str | None, version: int | None, k: int) -> Response:
+async def answer(request: Request, model: str | None, version: int | None, k: int,
+                 label: str | None = None) -> Response:
     """/predict once its query is valid and its key checked (the route above, or `FastPath`)."""
     settings = request.app.state.settings
 
     async def parse(served: ServedVersion) -> Images:
         return await read_images(request, settings.max_images_per_request, settings.max_form_fields)
 
-    outcome = await infer(request, model, version, parse)
+    outcome = await infer(request, model, version, parse, label)
     tops = top_k(outcome.probabilities, outcome.served.meta.labels, k)
     body = {
         "model": outcome.served.name,
@@ -161,8 +165,8 @@ class FastPath:
         await response(scope, receive, send)
 
     @staticmethod
-    def _query(scope: Scope) -> tuple[str | None, int | None, int] | None:
-        """(model, version, top_k) when this request can take the fast path, else None."""
+    def _query(scope: Scope) -> tuple[str | None, int | None, int, str | None] | None:
+        """(model, version, top_k, label) when this request can take the fast path, else None."""
         if scope["method"] != "POST":
             return None
         ctype = key = b""
@@ -177,7 +181,7 @@ class FastPath:
         expected = scope["app"].state.settings.api_key
         if expected is not None and not (key and key_matches(Headers(scope=scope), expected.get_secret_value())):
             return None
-        model, version, k = None, None, 5
+        model, version, k, label = None, None, 5, None
         raw = scope["query_string"]
         if raw:
             seen = set()
@@ -191,9 +195,11 @@ class FastPath:
                     version = int(value)
                 elif name == "top_k" and value.isascii() and value.isdigit() and 1 <= int(value) <= TOP_K_MAX:
                     k = int(value)
+                elif name == "label" and 0 < len(value) <= 32:
+                    label = value
                 else:
                     return None
-        return model, version, k
+        return model, version, k, label
 
 
 @router.get("/v1/models", tags=["models"], summary="Models, versions, states, runtimes and labels",

@@ -19,7 +19,7 @@ from service.api.deps import (
     json_body_doc,
     parse_body,
 )
-from service.api.views import runtime_view
+from service.api.views import runtime_view, version_entries
 from service.errors import BadRequest, NotFound, UnsupportedMediaType
 from service.loading import ServedVersion
 from service.pipeline import Images, b64_image, infer, pixel_rows
@@ -95,8 +95,10 @@ def _servable_not_found() -> Iterator[None]:
         raise NotFound(f"Servable not found for request: {exc.message}") from exc
 
 
-def _resolve(registry: Registry, name: str, version: int | None) -> ServedVersion:
+def _resolve(registry: Registry, name: str, version: int | None, label: str | None = None) -> ServedVersion:
     with _servable_not_found():
+        if label is not None:
+            return registry.route(name, version, label)[0]
         return registry.resolve(name, version)
 
 
@@ -123,7 +125,7 @@ def _images(items: list[Any], served: ServedVersion) -> Images:
     return Images(pixels=pixel_rows(payloads, served.meta.input.height, served.meta.input.width))
 
 
-async def _predict(request: Request, name: str, version: int | None) -> Response:
+async def _predict(request: Request, name: str, version: int | None, label: str | None = None) -> Response:
     ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if ctype not in ("application/json", "", "text/plain"):
         raise UnsupportedMediaType(f"content type {ctype} is not accepted: send application/json")
@@ -136,7 +138,7 @@ async def _predict(request: Request, name: str, version: int | None) -> Response
         return _images(body.items(), served)
 
     with _servable_not_found():
-        outcome = await infer(request, name, version, parse)
+        outcome = await infer(request, name, version, parse, label)
     key = "outputs" if columnar else "predictions"
     return ORJSONResponse({key: outcome.probabilities}, headers=outcome.headers())
 
@@ -157,9 +159,17 @@ async def predict_version(model: str, target: str, request: Request) -> Response
 
 
 def _status(registry: Registry, name: str, version: int | None) -> StatusResponse:
+    """TF Serving lists every loaded version (AVAILABLE) and those that failed (END, with the error)."""
     served = _resolve(registry, name, version)
-    return StatusResponse(model_version_status=[VersionStatus(version=str(served.version), state="AVAILABLE",
-                                                              status={"error_code": "OK", "error_message": ""})])
+    if version is not None:
+        entries = [e for e in version_entries(registry, name) if e["version"] == served.version]
+    else:
+        entries = [e for e in version_entries(registry, name) if e["state"] in ("AVAILABLE", "FAILED")]
+    return StatusResponse(model_version_status=[
+        VersionStatus(version=str(e["version"]), state="AVAILABLE" if e["state"] == "AVAILABLE" else "END",
+                      status={"error_code": "OK", "error_message": ""} if e["state"] == "AVAILABLE" else
+                      {"error_code": "UNKNOWN", "error_message": e.get("reason", "")})
+        for e in entries])
 
 
 @router.get("/v1/models/{model}", summary="TF Serving model status", responses=ERRORS)
@@ -191,6 +201,19 @@ def _metadata(registry: Registry, name: str, version: int | None) -> dict[str, A
     return {"model_spec": {"name": served.name, "signature_name": "", "version": str(served.version)},
             "metadata": {"signature_def": {"signature_def": {"serving_default": sig}}},
             "labels": served.meta.labels, **runtime_view(served)}
+
+
+@router.post("/v1/models/{model}/labels/{target}",
+             summary="TF Serving predict on a labelled version: POST /v1/models/{model}/labels/{label}:predict",
+             openapi_extra=PREDICT_DOC, responses={200: {"model": PredictResponse}, **ERRORS},
+             dependencies=[PredictAuth])
+async def predict_label(model: str, target: str, request: Request) -> Response:
+    return await _predict(request, model, None, _split_action(target))
+
+
+@router.get("/v1/models/{model}/labels/{label}", summary="TF Serving model status by label", responses=ERRORS)
+async def status_label(model: str, label: str, registry: RegistryDep) -> StatusResponse:
+    return _status(registry, model, _resolve(registry, model, None, label).version)
 
 
 @router.get("/v1/models/{model}/metadata", summary="TF Serving model metadata (signature)", responses=ERRORS)

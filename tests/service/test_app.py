@@ -133,7 +133,9 @@ async def test_models_listing_and_health(client: httpx.AsyncClient) -> None:
     assert ready.json()["models"] == {"fake": 1}
     models = (await client.get("/v1/models")).json()["models"]
     assert models[0]["name"] == "fake" and models[0]["labels"] == LABELS
-    assert models[0]["versions"] == [{"version": 1, "state": "AVAILABLE"}]
+    assert models[0]["versions"] == [{"version": 1, "state": "AVAILABLE", "role": "stable", "runtime": "fake",
+                                      "precision": "fp32", "gate": "not compared with an earlier version (no "
+                                      "comparison in its model.json): promoted as published"}]
 
 
 async def test_unknown_route_is_json_404(client: httpx.AsyncClient) -> None:

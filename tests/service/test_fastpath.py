@@ -71,7 +71,8 @@ QUERIES = {"": (200, True), "top_k=2": (200, True), "top_k=3&model=fake&version=
            "top_k=0": (422, False), "top_k=1001": (422, False), "top_k=%2B2": (200, False), "top_k=%D9%A3": (422, False),
            "top_k=two": (422, False), "top_k=1&top_k=2": (200, False), "version=0": (422, False),
            "version=-1": (422, False), "model=": (200, False), "model=" + "x" * 65: (422, False),
-           "unknown=1": (200, False)}
+           "unknown=1": (200, False), "label=stable": (200, True), "label=nope": (404, True),
+           "label=Bad!": (400, True), "label=" + "x" * 33: (422, False), "version=1&label=stable": (400, True)}
 
 
 @pytest.mark.parametrize("query", list(QUERIES))
@@ -145,12 +146,13 @@ def scope(query: bytes = b"", method: str = "POST", ctype: bytes = b"image/jpeg"
 
 def test_which_requests_take_the_fast_path() -> None:
     take = native.FastPath._query
-    assert take(scope()) == (None, None, 5)
-    assert take(scope(b"top_k=3&model=fake&version=2")) == ("fake", 2, 3)
-    assert take(scope(ctype=b"application/octet-stream; x=1")) == (None, None, 5)
-    assert take(scope(ctype=b"IMAGE/PNG")) == (None, None, 5)
-    assert take(scope(key=KEY, headers=[(b"x-api-key", KEY.encode())])) == (None, None, 5)
-    assert take(scope(b"top_k=2", ctype=b"multipart/form-data; boundary=x")) == (None, None, 2)
+    assert take(scope()) == (None, None, 5, None)
+    assert take(scope(b"top_k=3&model=fake&version=2")) == ("fake", 2, 3, None)
+    assert take(scope(b"label=canary")) == (None, None, 5, "canary")
+    assert take(scope(ctype=b"application/octet-stream; x=1")) == (None, None, 5, None)
+    assert take(scope(ctype=b"IMAGE/PNG")) == (None, None, 5, None)
+    assert take(scope(key=KEY, headers=[(b"x-api-key", KEY.encode())])) == (None, None, 5, None)
+    assert take(scope(b"top_k=2", ctype=b"multipart/form-data; boundary=x")) == (None, None, 2, None)
     for other in (scope(ctype=b"application/json"), scope(ctype=b"multipart/mixed; boundary=x"),
                   scope(method="GET"), scope(b"top_k=0"), scope(b"top_k=+1"), scope(b"version=0"),
                   scope(b"model="), scope(b"top_k=1&top_k=1"), scope(b"debug=1"), scope(key=KEY),
