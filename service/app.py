@@ -181,5 +181,6 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"], expose_headers=["X-Model-Name", "X-Model-Version", "X-Model-Runtime",
+                                                                "X-Model-Role",
                                                                 "X-Request-ID", "Server-Timing"])
     return app

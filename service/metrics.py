@@ -61,6 +61,14 @@ class Metrics:
         self.rollout_role = Gauge("imgserve_rollout_role",
                                   "1 for the role (stable, canary, shadow) of a loaded version",
                                   [*mv, "role"], registry=r, multiprocess_mode="livemax")
+        self.version_requests = Counter("imgserve_version_requests_total",
+                                        "Prediction requests by the version and role that answered them, and outcome "
+                                        "(ok, client_error: 4xx, server_error: 5xx)", [*mv, "role", "outcome"],
+                                        registry=r)
+        self.version_latency = Histogram("imgserve_version_request_seconds",
+                                         "Time from routing to answer, by the version and role that answered",
+                                         [*mv, "role"], registry=r,
+                                         buckets=(.0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.rollout_state_errors = Counter("imgserve_rollout_state_errors_total",
                                             "Rollout files that could not be used (the last good state stays)",
                                             ["model"], registry=r)

@@ -96,6 +96,23 @@ async def infer(request: Request, model: str | None, version: int | None, parse:
     if registry is None:
         raise NotReady("the service is starting")
     served, role = registry.route(model, version, label, request.headers.get(ROUTE_KEY_HEADER))
+    labels = (served.name, str(served.version), role)
+    t0 = time.perf_counter()
+    try:
+        outcome = await _infer_on(request, served, role, parse, settings, deadline)
+    except ServiceError as exc:
+        state.metrics.version_requests.labels(*labels, "server_error" if exc.status_code >= 500 else
+                                              "client_error").inc()
+        raise
+    state.metrics.version_requests.labels(*labels, "ok").inc()
+    state.metrics.version_latency.labels(*labels).observe(time.perf_counter() - t0)
+    return outcome
+
+
+async def _infer_on(request: Request, served: ServedVersion, role: str, parse: Parser, settings: Settings,
+                    deadline: float) -> Outcome:
+    state = request.app.state
+    registry = state.registry
     if served.batcher.depth >= served.batcher.max_queue_rows:  # no row fits: refuse before reading the body
         raise _overloaded(served, state.metrics, f"the queue holds {served.batcher.depth} rows")
     with served.acquire():

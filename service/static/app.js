@@ -86,7 +86,8 @@ async function classify(file) {
     showError(node, r.status, body);
     return;
   }
-  node.querySelector(".meta").textContent = `${body.model} v${body.version} · ${ms} ms`;
+  const role = r.headers.get("X-Model-Role");  // stable, canary, or a version asked for by number or label
+  node.querySelector(".meta").textContent = `${body.model} v${body.version}${role ? ` (${role})` : ""} · ${ms} ms`;
   const list = node.querySelector(".bars");
   for (const t of body.predictions[0].top) {
     const li = document.createElement("li");

@@ -19,11 +19,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from asgi_lifespan import LifespanManager
 
 from service.app import create_app
 from service.settings import Settings
-from tests.support import REPO, FakeClassifier, free_port, jpeg, wait_ready, write_fake_version
+from tests.support import REPO, app_client, eventually_async, free_port, jpeg, write_fake_version
 
 BIN = Path(sys.executable).parent
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -107,15 +106,21 @@ def test_promtool_checks_config_and_rules() -> None:
 
 
 async def exposed_metric_names(tmp_path: Path) -> set[str]:
-    """Every metric family the service exposes once it has answered a request."""
+    """Every metric family the service exposes once it has answered requests with a shadow version beside
+    the stable one, and read a rollout file it could not use."""
+    from service import rollout
+
     write_fake_version(tmp_path, "fake", 1, ["a", "b"])
-    app = create_app(Settings(model_store=tmp_path), loader=lambda p, m: FakeClassifier(m))
-    async with LifespanManager(app) as manager:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as c:
-            await wait_ready(c)
-            await c.post("/predict", content=jpeg(10), headers={"Content-Type": "image/jpeg"})
-            await c.post("/predict", content=b"x", headers={"Content-Type": "image/jpeg"})
-            text = (await c.get("/metrics")).text
+    write_fake_version(tmp_path, "fake", 2, ["a", "b"])
+    rollout.write(tmp_path, "fake", rollout.RolloutState(stable=1, shadow=2, shadow_percent=100, seen=2))
+    async with app_client(tmp_path) as c:
+        await eventually_async(lambda: c.get("/v1/models"), lambda r: r.json()["models"][0]["rollout"]["shadow"] == 2)
+        await c.post("/predict", content=jpeg(10), headers={"Content-Type": "image/jpeg"})
+        await c.post("/predict", content=b"x", headers={"Content-Type": "image/jpeg"})
+        await eventually_async(lambda: c.get("/metrics"), lambda r: "imgserve_shadow_rows_total{" in r.text)
+        (tmp_path / "fake" / "rollout.json").write_text("{")
+        text = (await eventually_async(lambda: c.get("/metrics"),
+                                       lambda r: "imgserve_rollout_state_errors_total{" in r.text)).text
     names = set()
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -126,7 +131,7 @@ async def exposed_metric_names(tmp_path: Path) -> set[str]:
 def metric_names_in(expr: str) -> set[str]:
     words = set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?:\{|\[|\)|$|\s*/|\s*>)", expr))
     keywords = {"sum", "rate", "by", "le", "histogram_quantile", "increase", "max", "on", "model", "version",
-                "reason", "status", "handler", "instance", "outcome", "job", "service"}
+                "reason", "status", "handler", "instance", "outcome", "job", "service", "role", "against", "and"}
     return {w for w in words if w not in keywords and (w.startswith(("imgserve", "process_")))}
 
 

@@ -55,7 +55,7 @@ def test_upload_page_classifies_and_reports_errors(browser, live: LiveServer, tr
         assert card.locator(".bar").count() == 5
         assert card.locator(".bar .label").first.inner_text() in trained.labels
         assert "%" in card.locator(".bar .pct").first.inner_text()
-        assert f"clothing v{trained.version}" in card.locator(".meta").inner_text()
+        assert f"clothing v{trained.version} (stable)" in card.locator(".meta").inner_text()
         width = card.locator(".bar .fill").first.evaluate("e => parseFloat(e.style.width)")
         assert 0 < width <= 100
     error = page.locator(".card.failed .error").inner_text()
