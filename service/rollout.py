@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 ROLLOUT_FILE = "rollout.json"
-MODES = ("immediate", "gated")
+MODES = ("immediate", "gated", "progressive")
 ROLES = ("stable", "canary", "shadow")
 LABEL_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 HISTORY = 50
@@ -48,6 +48,7 @@ class RolloutState:
     held: dict[int, str] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
     seen: int = 0  # the newest version in the store when the state was last written: only newer ones are new
+    stage: dict[str, Any] | None = None  # progressive mode: the stage in progress (see service/progressive.py)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def named(self) -> set[int]:
@@ -99,6 +100,8 @@ class RolloutState:
             raise RolloutError(str(exc)) from exc
         if not isinstance(state.labels, dict) or not isinstance(state.history, list):
             raise RolloutError("labels must be an object and history a list")
+        if state.stage is not None and not isinstance(state.stage, dict):
+            raise RolloutError("stage must be an object")
         return state.check()
 
 
@@ -168,6 +171,7 @@ class Plan:
     labels: dict[str, int] = field(default_factory=dict)
     held: dict[int, str] = field(default_factory=dict)
     notes: dict[int, str] = field(default_factory=dict)
+    pending: int | None = None  # progressive mode: the newest version that passed the gate, not yet staged
 
     def roles(self) -> dict[int, str]:
         out: dict[int, str] = {}
@@ -207,6 +211,7 @@ def plan(state: RolloutState | None, complete: list[Candidate], max_drop_points:
     notes: dict[int, str] = {}
     stable = st.stable if st.stable in by_version else None
     newest_named = max(st.named(), default=0)
+    pending: int | None = None
     for v in sorted(by_version):
         if v in held or v <= newest_named:
             continue
@@ -215,10 +220,13 @@ def plan(state: RolloutState | None, complete: list[Candidate], max_drop_points:
             continue
         ok, why = gate(by_version[v], max_drop_points)
         notes[v] = why
-        if ok:
-            stable = v
-        else:
+        if not ok:
             held[v] = why
+        elif st.mode == "progressive" and (st.stable is not None or by_version.keys() - {v} - held.keys()):
+            pending = v  # the controller takes it through shadow and canary; stable stays
+            notes[v] = why + "; waiting for the progressive controller (python -m service.rollout MODEL watch)"
+        else:
+            stable = v
     if stable is None:  # nothing named or admitted yet: the newest version that is not held
         free = [v for v in by_version if v not in held]
         stable = max(free) if free else None
@@ -228,7 +236,8 @@ def plan(state: RolloutState | None, complete: list[Candidate], max_drop_points:
     canary, shadow = usable(st.canary), usable(st.shadow)
     return Plan(stable=stable, canary=canary, canary_percent=st.canary_percent if canary else 0.0,
                 shadow=shadow, shadow_percent=st.shadow_percent if shadow else 0.0,
-                labels={k: v for k, v in st.labels.items() if v in by_version}, held=held, notes=notes)
+                labels={k: v for k, v in st.labels.items() if v in by_version}, held=held, notes=notes,
+                pending=pending if pending != stable else None)
 
 
 # -- commands: the operator command and the admin endpoints both go through `apply` ----------------------
@@ -364,6 +373,8 @@ def apply(state: RolloutState | None, complete: list[Candidate], command: str, a
     elif command == "mode":
         st.mode = str(args.get("mode"))
         event.update(mode=st.mode)
+    if command in ("promote", "rollback", "canary", "shadow", "hold"):
+        st.stage = None  # an operator's decision ends an automatic stage in progress
     st.seen = max([st.seen, *versions])
     return st.check(), event
 
@@ -401,6 +412,39 @@ def run_command(root: Path, name: str, command: str, args: dict[str, Any], max_d
     return status(root, name, max_drop_points)
 
 
+def watch(root: Path, name: str, url: str, max_drop_points: float, once: bool, interval_s: float,
+          thresholds: Any) -> int:
+    """The progressive controller (service/progressive.py) against the service at `url`."""
+    import time
+
+    import httpx
+
+    from service import progressive
+
+    while True:
+        state = read(root, name)
+        if state is None or state.mode != "progressive":
+            print(f"{name} is not in progressive mode (python -m service.rollout {name} mode progressive)")
+            if once:
+                return 0
+        else:
+            p = plan(state, candidates(root, name), max_drop_points)
+            try:
+                text = httpx.get(url + "/metrics", timeout=30).text
+                listing = httpx.get(url + "/v1/models", timeout=30).json()["models"]
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                print(f"the service at {url} did not answer ({exc}); trying again", flush=True)
+            else:
+                versions = {v["version"]: v["state"] for m in listing if m["name"] == name for v in m["versions"]}
+                moved = progressive.step(state, p, versions, text, name, thresholds)
+                if moved is not None:
+                    write(root, name, *moved)
+                    print(json.dumps(moved[1]), flush=True)
+        if once:
+            return 0
+        time.sleep(interval_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
@@ -435,7 +479,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("label")
     p = sub.add_parser("mode", help=f"the rollout mode: {', '.join(MODES)}")
     p.add_argument("mode")
+    p = sub.add_parser("watch", help="progressive mode: take new versions through shadow and canary to stable, "
+                       "by the service's metrics, rolling back a failed stage (service/progressive.py)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the service whose metrics decide")
+    p.add_argument("--once", action="store_true", help="one step, then exit")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between steps")
+    p.add_argument("--shadow-rows", type=int, default=200, help="rows compared before the shadow stage ends")
+    p.add_argument("--min-agreement", type=float, default=0.9, help="top-1 agreement the shadow needs")
+    p.add_argument("--canary-percent", type=float, default=10.0)
+    p.add_argument("--canary-requests", type=int, default=200, help="canary answers before the canary stage ends")
+    p.add_argument("--max-error-increase", type=float, default=0.01,
+                   help="server-error share the canary may have above stable's")
+    p.add_argument("--max-p99-ratio", type=float, default=1.5, help="canary p99 at most this times stable's")
+    p.add_argument("--min-p99-gap", type=float, default=0.05, help="seconds: a smaller p99 difference never fails")
     a = ap.parse_args(argv)
+    if a.command == "watch":
+        from service.progressive import Thresholds
+
+        th = Thresholds(a.shadow_rows, a.min_agreement, a.canary_percent, a.canary_requests, a.max_error_increase,
+                        a.max_p99_ratio, a.min_p99_gap)
+        return watch(a.store, a.model, a.url.rstrip("/"), a.max_accuracy_drop, a.once, a.interval, th)
     args = {k: v for k, v in vars(a).items() if k not in ("store", "max_accuracy_drop", "model", "command")}
     try:
         if a.command == "status":

@@ -120,10 +120,10 @@ class Settings(BaseSettings):
         default_factory=dict, description="serve these versions instead of the latest, e.g. 'clothing=3,demo-shapes=1'"
     )
     default_model: str = Field("", description="model used when a request names none (default: the only one)")
-    rollout_mode: Literal["immediate", "gated"] = Field(
-        "gated", description="for a model with no rollout.json: immediate (the newest version takes the traffic) or "
-        "gated (only if its accuracy is within max_accuracy_drop of the version train compared it with); see "
-        "docs/rollout.md")
+    rollout_mode: Literal["immediate", "gated", "progressive"] = Field(
+        "gated", description="for a model with no rollout.json: immediate (the newest version takes the traffic), "
+        "gated (only if its accuracy is within max_accuracy_drop of the version train compared it with) or "
+        "progressive (gated, then shadow and canary by the controller); see docs/rollout.md")
     version_policy: Annotated[VersionPolicySetting, NoDecode, BeforeValidator(_version_policy)] = Field(
         VersionPolicySetting(), description="versions loaded besides stable, canary, shadow and labelled ones "
         "(addressable by version): latest:N, all, none, specific:V1,V2")

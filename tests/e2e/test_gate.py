@@ -5,6 +5,7 @@ reason, and promotes the next good one."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,60 @@ def test_the_gate_holds_a_worse_version_and_promotes_a_better_one(tmp_path: Path
         assert server.stop() == 0
 
 
+
+
+def watch_once(store: Path, server: LiveServer, *extra: str) -> dict[str, object] | None:
+    r = subprocess.run([sys.executable, "-m", "service.rollout", "--store", str(store), "--max-accuracy-drop", "100",
+                        "shirts", "watch", "--url", server.url, "--once", "--shadow-rows", "30", "--canary-requests",
+                        "30", "--canary-percent", "50", "--max-p99-ratio", "1000", *extra], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]) if lines else None
+
+
+def test_progressive_rolls_back_a_version_that_disagrees_and_promotes_one_that_agrees(tmp_path: Path,
+                                                                                    clothing: Path) -> None:
+    """The controller (`python -m service.rollout MODEL watch`) on a real server: a badly trained version goes
+    to shadow and is rolled back on its agreement; a copy of the stable one goes shadow -> canary -> stable."""
+    store = tmp_path / "store"
+    train_version(store, clothing)
+    subprocess.run([sys.executable, "-m", "service.rollout", "--store", str(store), "shirts", "mode", "progressive"],
+                   cwd=REPO, check=True, capture_output=True, timeout=60)
+    server = start_server(store, tmp_path, IMGSERVE_MAX_ACCURACY_DROP="100", IMGSERVE_INLINE_RUN_MAX_MS="0")
+    images = [p.read_bytes() for p in clothing_images(30)]
+
+    def drive(until: set[str]) -> list[str]:
+        seen: list[str] = []
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            for _ in range(40):  # bounded: each round is 30 requests and one controller step
+                event = watch_once(store, server)
+                if event is not None:
+                    seen.append(str(event["command"]))
+                    if event["command"] in until:
+                        return seen
+                    wait_until(lambda e=event: model_versions(server, "shirts")[int(e["version"])]["state"]
+                               == "AVAILABLE", 60, "the staged version loaded")
+                    continue
+                for body in images:  # one at a time: the shadow has idle capacity between them
+                    assert c.post("/predict", content=body, headers={"Content-Type": "image/jpeg"}).status_code == 200
+        return seen
+
+    try:
+        train_version(store, clothing, head_learning_rate=1e-9, head_epochs=1)  # version 2
+        wait_until(lambda: "waiting for the progressive controller" in str(model_versions(server, "shirts")[2]
+                                                                               .get("gate", "")), 60, "v2 waiting")
+        assert drive({"rollback", "promote"}) == ["shadow", "rollback"]
+        held = wait_until(lambda: model_versions(server, "shirts")[2]["role"] == "held"
+                          and model_versions(server, "shirts")[2], 60, "v2 held")  # at the server's next scan
+        assert "top-1 agreement" in str(held["reason"])
+        assert served_everywhere(server, "shirts") == {1}
+        shutil.copytree(store / "shirts" / "1", store / "shirts" / ".tmp-3")  # a copy of stable: agrees on all
+        doc = json.loads((store / "shirts" / ".tmp-3" / "model.json").read_text())
+        (store / "shirts" / ".tmp-3" / "model.json").write_text(json.dumps({**doc, "version": 3}))
+        (store / "shirts" / ".tmp-3").rename(store / "shirts" / "3")
+        wait_until(lambda: 3 in model_versions(server, "shirts"), 60, "v3 seen")
+        assert drive({"rollback", "promote"}) == ["shadow", "canary", "promote"], \
+            json.loads((store / "shirts" / "rollout.json").read_text())["history"][-1]
+        wait_until(lambda: served_everywhere(server, "shirts") == {3}, 60, "v3 stable")
+    finally:
+        assert server.stop() == 0
