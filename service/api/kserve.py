@@ -312,8 +312,9 @@ async def repository_index(registry: RegistryDep) -> Response:
         for v in m["versions"]:
             entry = {"name": m["name"], "version": str(v["version"]),
                      "state": "READY" if v["state"] == "AVAILABLE" else "UNAVAILABLE"}
-            if "reason" in v:
-                entry["reason"] = v["reason"]
+            for key in ("role", "reason"):
+                if key in v:
+                    entry[key] = v[key]
             out.append(entry)
     return ORJSONResponse(out)
 

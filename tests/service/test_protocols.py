@@ -145,7 +145,7 @@ async def test_repository_extension_needs_admin_key(client: httpx.AsyncClient) -
     assert (await client.post("/v2/repository/models/fake/unload", headers=wrong)).status_code == 401
     auth = {"Authorization": "Bearer s3cret"}
     index = (await client.post("/v2/repository/index", headers=auth)).json()
-    assert index == [{"name": "fake", "version": "1", "state": "READY"}]
+    assert index == [{"name": "fake", "version": "1", "state": "READY", "role": "stable"}]
     assert (await client.post("/v2/repository/models/fake/unload", headers={"X-API-Key": "s3cret"})).status_code == 200
     assert (await client.get("/v2/models/fake/ready")).status_code == 503  # nothing served now
     # polling must not bring an unloaded model back: two full scans later it is still unloaded
