@@ -10,6 +10,9 @@
    X-Model-Version: the last answer from the rolled-back version), and the failed requests.
 3. `--cycles` promote/rollback cycles between the two versions, one process: resident memory after each
    cycle has taken effect, and its least-squares slope in MiB per cycle.
+4. Shadow at 100% on a saturated server: VGG16 int8 (the hed convolutions, `bench.models`), stable and
+   shadow both of it; `--clients` clients, images/s and p50 without and with the shadow, paired in
+   `--rounds` rounds; then one client, the share of requests that were also shadowed.
 Prints and writes one JSON object (bench/results/rollout-<time>.json).
 """
 
@@ -142,6 +145,64 @@ def cycles_soak(root: Path, name: str, work: Path, image: bytes, cycles: int) ->
             "slope_mib_per_cycle_after_first_quarter": slope}
 
 
+def shadow_saturated(store: Path, work: Path, clients: int, seconds: float, rounds: int) -> dict[str, Any]:
+    from bench.harness import metric_sum
+    from bench.models import build_with_variants
+    from bench.runs import Server, load
+    from service import store as layout
+
+    versions = layout.list_versions(store, "bench-vgg16v")
+    src = store / "bench-vgg16v" / str(versions[-1]) if versions else build_with_variants(store, DEFAULT_IMAGES)
+    root = work / "vgg-store"
+    for v in (1, 2):
+        shutil.copytree(src, root / "vgg" / str(v))
+        doc = json.loads((root / "vgg" / str(v) / "model.json").read_text())
+        (root / "vgg" / str(v) / "model.json").write_text(json.dumps({**doc, "name": "vgg", "version": v}))
+    server = Server(root, "vgg", work / "shadow.log", IMGSERVE_PRECISION="int8", IMGSERVE_BATCHES_IN_FLIGHT="2",
+                    IMGSERVE_VERSION_POLICY="all", IMGSERVE_POLL_INTERVAL_S="0.5")
+    out: dict[str, Any] = {"clients": clients, "seconds": seconds, "runtime": None, "rounds": []}
+
+    def set_shadow(percent: float) -> None:
+        state = rollout.RolloutState(stable=1, seen=2, shadow=2 if percent else None, shadow_percent=percent)
+        rollout.write(root, "vgg", state)
+        want = 2 if percent else None
+        while httpx.get(server.url + "/v1/models/vgg/rollout", timeout=30).json()["serving"]["shadow"] != want:
+            time.sleep(0.2)
+
+    def shadow_counts() -> dict[str, float]:
+        text = server.metrics()
+        return {o: metric_sum(text, "imgserve_shadow_requests_total", outcome=o) for o in ("compared", "dropped")}
+
+    try:
+        out["runtime"] = httpx.get(server.url + "/health/ready", timeout=30).json()["runtimes"]["vgg"]
+        for _ in range(rounds):
+            row: dict[str, Any] = {}
+            for label, percent in (("without", 0.0), ("with", 100.0)):
+                set_shadow(percent)
+                before = shadow_counts()
+                res = load(server, DEFAULT_IMAGES, clients, seconds, "python")
+                after = shadow_counts()
+                row[label] = {"images_per_s": res.get("images_per_s"), "p50_ms": res.get("p50_ms"),
+                              "shadow": {k: after[k] - before[k] for k in after}}
+                print(json.dumps({label: row[label]}), file=sys.stderr)
+            row["throughput_ratio"] = row["with"]["images_per_s"] / row["without"]["images_per_s"]
+            row["p50_ratio"] = row["with"]["p50_ms"] / row["without"]["p50_ms"]
+            out["rounds"].append(row)
+        set_shadow(100.0)
+        before = shadow_counts()
+        res = load(server, DEFAULT_IMAGES, 1, seconds, "python")
+        after = shadow_counts()
+        out["one_client"] = {"images_per_s": res.get("images_per_s"), "p50_ms": res.get("p50_ms"),
+                             "shadow": {k: after[k] - before[k] for k in after}, "load": res}
+    finally:
+        server.stop()
+    out["median_throughput_ratio"] = float(np.median([r["throughput_ratio"] for r in out["rounds"]]))
+    out["median_p50_ratio"] = float(np.median([r["p50_ratio"] for r in out["rounds"]]))
+    sh = out["one_client"]["shadow"]
+    out["one_client_shadowed_share"] = sh["compared"] / max(sh["compared"] + sh["dropped"], 1)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", type=Path, default=REPO / "bench" / "store")
@@ -150,7 +211,9 @@ def main() -> int:
     p.add_argument("--per-key", type=int, default=25)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--cycles", type=int, default=200)
-    p.add_argument("--skip", nargs="*", default=[], choices=("canary", "rollback", "cycles"))
+    p.add_argument("--seconds", type=float, default=20.0, help="measured seconds of each shadow load phase")
+    p.add_argument("--rounds", type=int, default=2, help="paired rounds without and with the shadow")
+    p.add_argument("--skip", nargs="*", default=[], choices=("canary", "rollback", "cycles", "shadow"))
     a = p.parse_args()
     image = sorted(DEFAULT_IMAGES.rglob("*.jpg"))[0].read_bytes()
     out: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "when": time.strftime("%F %T")}
@@ -165,6 +228,8 @@ def main() -> int:
             print(json.dumps(out["rollback"]), file=sys.stderr)
         if "cycles" not in a.skip:
             out["cycles"] = cycles_soak(root, name, work, image, a.cycles)
+        if "shadow" not in a.skip:
+            out["shadow"] = shadow_saturated(a.store, work, a.clients, a.seconds, a.rounds)
     results = REPO / "bench" / "results"
     results.mkdir(exist_ok=True)
     (results / f"rollout-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(out, indent=1))

@@ -191,7 +191,7 @@ async def test_a_shadow_never_changes_the_answer_and_is_compared(tmp_path: Path)
             return super().predict(images)
 
     rollout.write(tmp_path, "m", RolloutState(stable=2, shadow=3, shadow_percent=100, seen=3))
-    async with app_client(tmp_path, loader=by_version({3: Slow}), inline_run_max_ms=0) as c:
+    async with app_client(tmp_path, loader=by_version({3: Slow}), inline_run_max_ms=0, max_batch_size=1) as c:
         await eventually_async(lambda: c.get("/v1/models"),
                                lambda r: r.json()["models"][0]["rollout"]["shadow"] == 3)
         gate.clear()  # the shadow is slow now: answers must not wait for it
@@ -200,7 +200,10 @@ async def test_a_shadow_never_changes_the_answer_and_is_compared(tmp_path: Path)
         assert r.json()["predictions"][0]["top"][0]["label"] == "bright"  # stable's answer, not the shadow's
         shadow = c.app.state.registry.models["m"].loaded[3]  # type: ignore[attr-defined]
         await eventually(lambda: shadow.batcher.running_rows == 1, what="the shadow copy running")
-        r = await predict(c)  # the shadow is busy: this copy is dropped, not queued behind it
+        r = await predict(c)  # the shadow is busy: a copy waits behind it, up to a batch (one row here)
+        assert r.status_code == 200 and r.headers["x-model-version"] == "2"
+        await eventually(lambda: shadow.batcher.depth == 1, what="a copy queued")
+        r = await predict(c)  # a batch is already waiting: this copy is dropped
         assert r.status_code == 200 and r.headers["x-model-version"] == "2"
         gate.set()
 
@@ -215,10 +218,10 @@ async def test_a_shadow_never_changes_the_answer_and_is_compared(tmp_path: Path)
             metrics_text[0] = (await c.get("/metrics")).text
             return counts()
 
-        got = await eventually_async(read, lambda n: n["compared"] == 1)
-        assert got == {"compared": 1, "dropped": 1, "failed": 0}
+        got = await eventually_async(read, lambda n: n["compared"] == 2)
+        assert got == {"compared": 2, "dropped": 1, "failed": 0}
         text = metrics_text[0]
-        assert metric_sum(text, "imgserve_shadow_rows_total", version="3") == 1
+        assert metric_sum(text, "imgserve_shadow_rows_total", version="3") == 2
         assert metric_sum(text, "imgserve_shadow_top1_agreements_total", version="3") == 0  # it disagreed
         assert metric_sum(text, "imgserve_rollout_role", model="m", version="3", role="shadow") == 1
 
