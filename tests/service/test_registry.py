@@ -101,13 +101,13 @@ async def test_the_drain_gives_up_on_queued_rows_at_the_timeout(tmp_path: Path) 
             gate.wait(60)
             return super().predict(images)
 
-    reg = registry(tmp_path, loader=lambda p, m: Held(m), max_batch_size=1, inline_run_max_ms=0)
+    reg = registry(tmp_path, loader=lambda p, m: Held(m), max_batch_size=1, inline_run_max_ms=0, drain_timeout_s=0.2)
     await reg.scan()
     gate.clear()
     served = reg.resolve("m")
     row = np.zeros((16, 16, 3), np.uint8)
     futures = served.batcher.submit([row]) + served.batcher.submit([row]) + served.batcher.submit([row])
-    await asyncio.wait_for(reg.stop(0.2), 30)
+    await asyncio.wait_for(reg.stop(0.2), 30)  # what the app's lifespan does with IMGSERVE_DRAIN_TIMEOUT_S
     settled = await asyncio.gather(*futures[1:], return_exceptions=True)
     assert any(isinstance(r, BatcherStopped) for r in settled), settled
     gate.set()
