@@ -205,7 +205,7 @@ def shadow_saturated(store: Path, work: Path, clients: int, seconds: float, roun
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--store", type=Path, default=REPO / "bench" / "store")
+    p.add_argument("--store", type=Path, default=REPO / "bench" / ".store", help="where benchmark models live")
     p.add_argument("--requests", type=int, default=4000)
     p.add_argument("--keys", type=int, default=40)
     p.add_argument("--per-key", type=int, default=25)
