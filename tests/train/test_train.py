@@ -63,7 +63,7 @@ def test_trained_fixture_signature(trained: Trained) -> None:
 @pytest.mark.parametrize("backbone", ["resnet50", "cnn"])
 def test_other_backbones_train_and_export(tmp_path: Path, clothing: Path, backbone: str) -> None:
     result = run(TrainConfig(data=clothing, store=tmp_path, name=backbone, backbone=backbone, weights="none",
-                             image_size=32, max_per_class=2, head_epochs=1, fine_tune_epochs=1, batch_size=8,
+                             image_size=32, max_per_class=2, head_epochs=1, fine_tune_epochs=1, batch_size=8, variants=False,
                              workers=2))
     clf = SavedModelClassifier(result.version_dir)
     images = np.stack([load_image(p, 32, 32) for p in result.test_paths])
