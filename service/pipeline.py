@@ -134,18 +134,18 @@ async def _infer_on(request: Request, served: ServedVersion, role: str, parse: P
 
 def _maybe_shadow(shadow: ServedVersion, percent: float, served: ServedVersion, rows: Sequence[np.ndarray],
                   answer: np.ndarray, settings: Settings, metrics: Metrics) -> None:
-    """Copy a share of the requests to the shadow version, only on spare capacity: when no real request is
-    waiting (the answering version has nothing queued) and the shadow has less than a batch queued;
-    otherwise the copy is dropped (and counted). The caller's answer is already made and never waits for,
-    or changes with, the shadow."""
+    """Copy a share of the requests to the shadow version, only on idle capacity: when the answering version
+    has nothing queued and no other batch running (its own batch has just ended) and the shadow has less
+    than a batch queued; otherwise the copy is dropped (and counted). The caller's answer is already made
+    and never waits for, or changes with, the shadow."""
     if random.random() >= percent / 100:
         return
     labels = (shadow.name, str(shadow.version), str(served.version))
     if shadow.meta.input != served.meta.input or shadow.meta.labels != served.meta.labels:
         metrics.shadow_requests.labels(*labels, "incompatible").inc()
         return
-    if served.batcher.depth or shadow.batcher.depth + len(rows) > shadow.batcher.max_batch_size or \
-            not shadow.batcher.accepting:
+    busy = served.batcher.depth or served.batcher.running_rows
+    if busy or shadow.batcher.depth + len(rows) > shadow.batcher.max_batch_size or not shadow.batcher.accepting:
         metrics.shadow_requests.labels(*labels, "dropped").inc()
         return
     task = asyncio.get_running_loop().create_task(_shadow(shadow, labels, list(rows), answer, settings, metrics))
