@@ -13,6 +13,7 @@ import binascii
 import contextlib
 import random
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -128,12 +129,14 @@ async def _infer_on(request: Request, served: ServedVersion, role: str, parse: P
     outcome.names, outcome.role = images.names, role
     shadow = registry.shadow(served.name)
     if shadow is not None and shadow[0] is not served:
-        _maybe_shadow(shadow[0], shadow[1], served, rows, outcome.probabilities, settings, state.metrics)
+        stats = registry.shadow_stats.setdefault((served.name, shadow[0].version, served.version),
+                                                 defaultdict(float))
+        _maybe_shadow(shadow[0], shadow[1], served, rows, outcome.probabilities, settings, state.metrics, stats)
     return outcome
 
 
 def _maybe_shadow(shadow: ServedVersion, percent: float, served: ServedVersion, rows: Sequence[np.ndarray],
-                  answer: np.ndarray, settings: Settings, metrics: Metrics) -> None:
+                  answer: np.ndarray, settings: Settings, metrics: Metrics, stats: defaultdict[str, float]) -> None:
     """Copy a share of the requests to the shadow version, only on idle capacity: when the answering version
     has nothing queued and no other batch running (its own batch has just ended) and the shadow has less
     than a batch queued; otherwise the copy is dropped (and counted). The caller's answer is already made
@@ -143,18 +146,21 @@ def _maybe_shadow(shadow: ServedVersion, percent: float, served: ServedVersion, 
     labels = (shadow.name, str(shadow.version), str(served.version))
     if shadow.meta.input != served.meta.input or shadow.meta.labels != served.meta.labels:
         metrics.shadow_requests.labels(*labels, "incompatible").inc()
+        stats["incompatible"] += 1
         return
     busy = served.batcher.depth or served.batcher.running_rows
     if busy or shadow.batcher.depth + len(rows) > shadow.batcher.max_batch_size or not shadow.batcher.accepting:
         metrics.shadow_requests.labels(*labels, "dropped").inc()
+        stats["dropped"] += 1
         return
-    task = asyncio.get_running_loop().create_task(_shadow(shadow, labels, list(rows), answer, settings, metrics))
+    task = asyncio.get_running_loop().create_task(_shadow(shadow, labels, list(rows), answer, settings, metrics,
+                                                          stats))
     _SHADOW_TASKS.add(task)
     task.add_done_callback(_SHADOW_TASKS.discard)
 
 
 async def _shadow(shadow: ServedVersion, labels: tuple[str, str, str], rows: list[np.ndarray], answer: np.ndarray,
-                  settings: Settings, metrics: Metrics) -> None:
+                  settings: Settings, metrics: Metrics, stats: defaultdict[str, float]) -> None:
     t = time.perf_counter()
     try:
         with shadow.acquire():
@@ -162,6 +168,7 @@ async def _shadow(shadow: ServedVersion, labels: tuple[str, str, str], rows: lis
             results = await asyncio.gather(*futures)
     except Exception:  # a shadow that fails, is full or stops: counted, never the caller's concern
         metrics.shadow_requests.labels(*labels, "failed").inc()
+        stats["failed"] += 1
         return
     got = np.stack([r.value for r in results])
     metrics.shadow_seconds.labels(*labels).observe(time.perf_counter() - t)
@@ -169,6 +176,11 @@ async def _shadow(shadow: ServedVersion, labels: tuple[str, str, str], rows: lis
     metrics.shadow_rows.labels(*labels).inc(len(rows))
     metrics.shadow_agreement.labels(*labels).inc(int((got.argmax(1) == answer.argmax(1)).sum()))
     metrics.shadow_top_prob_change.labels(*labels).inc(float((got.max(1) - answer.max(1)).sum()))
+    stats["compared"] += 1
+    stats["rows"] += len(rows)
+    stats["agreements"] += int((got.argmax(1) == answer.argmax(1)).sum())
+    stats["top_probability_change"] += float((got.max(1) - answer.max(1)).sum())
+    stats["seconds"] += time.perf_counter() - t
 
 
 def deadline_for(request: Request, settings: Settings) -> float:

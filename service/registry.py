@@ -13,6 +13,7 @@ import gc
 import hashlib
 import logging
 import random
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 from service import rollout, store
@@ -61,6 +62,8 @@ class Registry:
         self._scan_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self._logged_held: dict[str, set[int]] = {}
+        # per (model, shadow version, answering version): this process's copies and what they showed
+        self.shadow_stats: dict[tuple[str, int, int], defaultdict[str, float]] = {}
 
     # -- what is served ------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ interval."""
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -13,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from service import rollout, store
 from service.api.deps import AdminAuth, RegistryDep
+from service.api.views import shadow_view
 from service.errors import BadRequest, NotFound
 
 router = APIRouter(tags=["rollout"])
@@ -54,7 +56,8 @@ async def rollout_status(model: str, registry: RegistryDep) -> dict[str, Any]:
     m = registry.models.get(name)
     if m is not None:
         out["serving"] = {"stable": m.plan.stable, "canary": m.plan.canary, "shadow": m.plan.shadow,
-                          "loaded": sorted(m.loaded), "state_error": m.state_error}
+                          "loaded": sorted(m.loaded), "state_error": m.state_error,
+                          "shadow_pairs": shadow_view(registry, name), "process": os.getpid()}
     return out
 
 

@@ -23,6 +23,20 @@ def rollout_view(m: ModelVersions) -> dict[str, Any]:
     return out
 
 
+def shadow_view(registry: Registry, name: str) -> list[dict[str, Any]]:
+    """Per pair (shadow version, answering version), what this process's shadow copies showed."""
+    out = []
+    for (model, version, against), c in sorted(registry.shadow_stats.items()):
+        if model != name:
+            continue
+        rows = c["rows"]
+        out.append({"version": version, "against": against, "copies_run": c["compared"], "dropped": c["dropped"],
+                    "failed": c["failed"], "rows": rows, "top1_agreement": c["agreements"] / rows if rows else None,
+                    "mean_top_probability_change": c["top_probability_change"] / rows if rows else None,
+                    "mean_seconds": c["seconds"] / c["compared"] if c["compared"] else None})
+    return out
+
+
 def version_entries(registry: Registry, name: str) -> list[dict[str, Any]]:
     """Every version of the model in the store (and every loaded one): state, role, and why for any that
     is not serving."""

@@ -224,6 +224,10 @@ async def test_a_shadow_never_changes_the_answer_and_is_compared(tmp_path: Path)
         assert metric_sum(text, "imgserve_shadow_rows_total", version="3") == 2
         assert metric_sum(text, "imgserve_shadow_top1_agreements_total", version="3") == 0  # it disagreed
         assert metric_sum(text, "imgserve_rollout_role", model="m", version="3", role="shadow") == 1
+        pairs = (await c.get("/v1/models/m/rollout")).json()["serving"]["shadow_pairs"]
+        assert pairs == [{"version": 3, "against": 2, "copies_run": 2, "dropped": 1, "failed": 0, "rows": 2,
+                          "top1_agreement": 0.0, "mean_top_probability_change": pytest.approx(0.0, abs=1e-6),
+                          "mean_seconds": pairs[0]["mean_seconds"]}] and pairs[0]["mean_seconds"] > 0
 
 
 async def test_a_failing_shadow_is_counted_and_the_caller_never_sees_it(tmp_path: Path) -> None:
@@ -318,3 +322,22 @@ async def test_the_admin_endpoints_run_commands_behind_the_admin_key(tmp_path: P
         status = (await c.get("/v1/models/m/rollout")).json()
         assert status["canary"] == 3 and status["serving"]["loaded"] == [2, 3]
         assert [e["command"] for e in status["state"]["history"]] == ["rollback", "canary"]
+
+
+async def test_a_canary_that_fails_to_load_ends_its_stage_and_stable_answers(tmp_path: Path) -> None:
+    three_versions(tmp_path)
+
+    def loader(path: Path, meta: Any) -> FakeClassifier:
+        if meta.version == 3:
+            raise RuntimeError("version 3's graph is broken")
+        return FakeClassifier(meta)
+
+    rollout.write(tmp_path, "m", RolloutState(stable=2, canary=3, canary_percent=50, seen=3))
+    async with app_client(tmp_path, loader=loader) as c:
+        listing = await eventually_async(lambda: c.get("/v1/models"), lambda r: any(
+            v["state"] == "FAILED" for v in r.json()["models"][0]["versions"]))
+        model = listing.json()["models"][0]
+        assert model["versions"][2]["role"] == "failed" and "graph is broken" in model["versions"][2]["reason"]
+        assert model["rollout"]["canary"] is None and model["rollout"]["stable"] == 2
+        versions = {(await predict(c)).headers["x-model-version"] for _ in range(20)}
+        assert versions == {"2"}
