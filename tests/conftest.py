@@ -29,6 +29,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             raise pytest.UsageError(f"{item.nodeid} uses {', '.join(sorted(needs))} but is not marked slow")
 
 
+@pytest.hookimpl(trylast=True)  # after `-m` and `-k` have deselected
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Compose tests run last, and their engine and image build starts now, in the background
+    (tests/deploy/engine.py): the minutes it takes overlap the rest of the suite."""
+    compose = [item for item in session.items if item.get_closest_marker("compose")]
+    if compose and len(compose) < len(session.items) and not session.config.option.collectonly:
+        from tests.deploy.engine import BUILD
+
+        session.items[:] = [item for item in session.items if item not in compose] + compose
+        BUILD.start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.deploy.engine import BUILD
+
+    BUILD.stop()
+
+
 @pytest.fixture(autouse=True)
 def _only_slow_tests_start_servers(request: pytest.FixtureRequest) -> Iterator[None]:
     SLOW_TEST.value = request.node.get_closest_marker("slow") is not None

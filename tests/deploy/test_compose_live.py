@@ -6,7 +6,6 @@ would. Grafana is a placeholder image here (not in Debian): its dashboards are c
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -18,30 +17,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.deploy.engine import BUILD, COMPOSE
 from tests.support import CLOTHING, REPO, clothing_images, wait_until
 
 # building the image and training the demo model inside it take minutes: a limit of its own
 pytestmark = [pytest.mark.slow, pytest.mark.compose, pytest.mark.timeout(3000)]
 API = "http://127.0.0.1:8000"
 PROM = "http://127.0.0.1:9090"
-PROJECT = "imgserve-live"
-
-
-def _engine_env() -> dict[str, str]:
-    r = subprocess.run(["bash", "scripts/container-engine.sh", "up"], cwd=REPO, capture_output=True, text=True,
-                       timeout=1200)
-    assert r.returncode == 0, r.stderr[-3000:]
-    env = dict(os.environ)
-    for line in r.stdout.splitlines():
-        key, _, value = line.removeprefix("export ").partition("=")
-        env[key] = value
-    return env
 
 
 class Stack:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
-        self.base = ["docker", "compose", "-p", PROJECT, "-f", "docker-compose.yml", "-f", "deploy/compose.local.yml"]
+        self.base = COMPOSE
         self.timings: dict[str, float] = {}
 
     def run(self, *args: str, timeout: float = 900, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
@@ -64,12 +52,10 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    env = _engine_env()
+    env, build_s = BUILD.wait(timeout=2400)  # started when collection ended (tests/conftest.py)
     s = Stack(env)
     try:
-        t = time.perf_counter()
-        s.run("build", "api", timeout=1800)
-        s.timings["build_s"] = time.perf_counter() - t
+        s.timings["build_s"] = build_s
         t = time.perf_counter()
         s.run("up", "-d", "demo-init", "api", "prometheus", timeout=600)
         s.timings["up_s"] = time.perf_counter() - t
