@@ -1,8 +1,10 @@
 """The one request pipeline every protocol goes through.
 
-    deadline -> resolve + acquire the version -> (batcher.incoming: parse, limits, decode) -> run_rows
+    Call -> resolve + acquire the version -> (batcher.incoming: parse, limits, decode) -> run_rows
 
-A protocol module supplies only a parser ("this body into images") and renders the `Outcome`.
+A protocol module (service/api for HTTP, service/rpc for gRPC) turns its request into a `Call` (the
+deadline, the routing key, how to tell that the caller left), supplies a parser ("this body into
+images") and renders the `Outcome`. Nothing here knows Starlette or gRPC.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from starlette.requests import Request
 
 from service.batcher import BatcherStopped, BatchFailed, DeadlineExceeded, QueueFull, RowResult
 from service.errors import (
@@ -38,7 +39,10 @@ from service.loading import ServedVersion
 from service.metrics import Metrics
 from service.settings import Settings
 
-TIMEOUT_HEADER = "x-request-timeout-ms"
+if TYPE_CHECKING:
+    from service.registry import Registry
+
+TIMEOUT_HEADER = "x-request-timeout-ms"  # the deadline over HTTP and in gRPC metadata (gRPC's own deadline first)
 ROUTE_KEY_HEADER = "x-route-key"
 _SHADOW_TASKS: set[asyncio.Task[None]] = set()
 
@@ -60,6 +64,25 @@ class Images:
 
 
 Parser = Callable[[ServedVersion], Awaitable[Images]]
+
+
+class Serving(Protocol):
+    """What the lifespan set up (the app's state): every protocol serves from the same one."""
+
+    settings: Settings
+    metrics: Metrics
+    decode_pool: Executor
+
+
+@dataclass
+class Call:
+    """One inference call, whichever protocol brought it."""
+
+    serving: Serving
+    deadline: float  # on the monotonic clock
+    protocol: str  # "http" or "grpc"
+    route_key: str | None = None  # keeps one caller on one side of a canary split
+    gone: Callable[[], Awaitable[None]] | None = None  # resolves if the caller leaves before its answer
 
 
 @dataclass
@@ -86,21 +109,19 @@ class Outcome:
         }
 
 
-async def infer(request: Request, model: str | None, version: int | None, parse: Parser,
+async def infer(call: Call, model: str | None, version: int | None, parse: Parser,
                 label: str | None = None) -> Outcome:
     """Run one request's images through the version that serves `model` (the `version` or `label` it names,
     else stable or canary, see Registry.route), and copy it to a shadow version when one is configured."""
-    state = request.app.state
-    settings: Settings = state.settings
-    deadline = deadline_for(request, settings)
+    state = call.serving
     registry = getattr(state, "registry", None)
     if registry is None:
         raise NotReady("the service is starting")
-    served, role = registry.route(model, version, label, request.headers.get(ROUTE_KEY_HEADER))
+    served, role = registry.route(model, version, label, call.route_key)
     labels = (served.name, str(served.version), role)
     t0 = time.perf_counter()
     try:
-        outcome = await _infer_on(request, served, role, parse, settings, deadline)
+        outcome = await _infer_on(call, registry, served, role, parse)
     except ServiceError as exc:
         state.metrics.version_requests.labels(*labels, "server_error" if exc.status_code >= 500 else
                                               "client_error").inc()
@@ -110,10 +131,8 @@ async def infer(request: Request, model: str | None, version: int | None, parse:
     return outcome
 
 
-async def _infer_on(request: Request, served: ServedVersion, role: str, parse: Parser, settings: Settings,
-                    deadline: float) -> Outcome:
-    state = request.app.state
-    registry = state.registry
+async def _infer_on(call: Call, registry: Registry, served: ServedVersion, role: str, parse: Parser) -> Outcome:
+    state, settings = call.serving, call.serving.settings
     if served.batcher.depth >= served.batcher.max_queue_rows:  # no row fits: refuse before reading the body
         raise _overloaded(served, state.metrics, f"the queue holds {served.batcher.depth} rows")
     with served.acquire():
@@ -125,7 +144,7 @@ async def _infer_on(request: Request, served: ServedVersion, role: str, parse: P
                                   f"{served.batcher.max_queue_rows} rows; {len(images)} more do not fit")
             h, w = served.meta.input.height, served.meta.input.width
             rows = images.pixels or await decode_all(images.blobs, h, w, settings, state.decode_pool, state.metrics)
-        outcome = await run_rows(request, served, rows, deadline, state.metrics)
+        outcome = await run_rows(call, served, rows)
     outcome.names, outcome.role = images.names, role
     shadow = registry.shadow(served.name)
     if shadow is not None and shadow[0] is not served:
@@ -183,9 +202,9 @@ async def _shadow(shadow: ServedVersion, labels: tuple[str, str, str], rows: lis
     stats["seconds"] += time.perf_counter() - t
 
 
-def deadline_for(request: Request, settings: Settings) -> float:
-    """The request's deadline on the monotonic clock: the setting, or the X-Request-Timeout-Ms header."""
-    raw = request.headers.get(TIMEOUT_HEADER)
+def deadline_for(raw: str | None, settings: Settings) -> float:
+    """The request's deadline on the monotonic clock: the setting, or `raw` (the X-Request-Timeout-Ms header's
+    value) when the request sends one."""
     timeout_ms = settings.request_timeout_ms
     if raw is not None:
         try:
@@ -283,13 +302,6 @@ def _rejected(exc: ImageError, metrics: Metrics, index: int, count: int) -> Serv
     return _as_service_error(exc, index, count)
 
 
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 def _submit(served: ServedVersion, rows: Sequence[np.ndarray], deadline: float,
             metrics: Metrics) -> list[asyncio.Future[RowResult[np.ndarray]]]:
     _check_deadline(deadline, metrics)
@@ -316,10 +328,10 @@ def _overloaded(served: ServedVersion, metrics: Metrics, detail: str) -> Overloa
                       headers={"Retry-After": str(retry)})
 
 
-async def _await_rows(request: Request | None, futures: list[asyncio.Future[RowResult[np.ndarray]]],
+async def _await_rows(gone: Callable[[], Awaitable[None]] | None, futures: list[asyncio.Future[RowResult[np.ndarray]]],
                       metrics: Metrics) -> list[RowResult[np.ndarray]]:
     gathered = asyncio.gather(*futures)
-    watcher = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+    watcher = asyncio.ensure_future(gone()) if gone is not None else None
     try:
         waiting: set[asyncio.Future[Any]] = {gathered} | ({watcher} if watcher is not None else set())
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -345,11 +357,10 @@ async def _await_rows(request: Request | None, futures: list[asyncio.Future[RowR
                 f.cancel()
 
 
-async def run_rows(
-    request: Request | None, served: ServedVersion, rows: Sequence[np.ndarray], deadline: float, metrics: Metrics
-) -> Outcome:
+async def run_rows(call: Call, served: ServedVersion, rows: Sequence[np.ndarray]) -> Outcome:
     """Queue the rows on the version's batcher and wait for all of them (or the client leaving).
     A lone row that finds the batcher idle, with a cheap model, runs at once (`Batcher.run_inline`)."""
+    deadline, metrics = call.deadline, call.serving.metrics
     if len(rows) == 1:
         _check_deadline(deadline, metrics)
         try:
@@ -363,7 +374,7 @@ async def run_rows(
     inflight = metrics.inflight_rows.labels(served.name, str(served.version))
     inflight.inc(len(rows))
     try:
-        results = await _await_rows(request, futures, metrics)
+        results = await _await_rows(call.gone, futures, metrics)
     finally:
         inflight.dec(len(rows))
     return Outcome(

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from service.errors import BadRequest, NotReady, ServiceError, Unauthorized
 from service.metrics import Metrics
+from service.pipeline import ROUTE_KEY_HEADER, TIMEOUT_HEADER, Call, deadline_for
 from service.registry import Registry
 from service.settings import Settings
 
@@ -104,6 +105,18 @@ class State:
 # per request.
 async def get_state(request: Request) -> State:
     return request.app.state  # type: ignore[no-any-return]
+
+
+def http_call(request: Request) -> Call:
+    """The pipeline's view of an HTTP request: its deadline, routing key, and whether the client left."""
+    state = request.app.state
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return Call(state, deadline_for(request.headers.get(TIMEOUT_HEADER), state.settings), "http",
+                request.headers.get(ROUTE_KEY_HEADER), gone)
 
 
 def not_ready_reason(request: Request) -> str | None:

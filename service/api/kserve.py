@@ -3,7 +3,6 @@ repository extensions: what `tritonclient.http` speaks."""
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from service.api.deps import (
     ORJSONResponse,
     PredictAuth,
     RegistryDep,
+    http_call,
     json_body_doc,
     not_ready_reason,
     parse_body,
@@ -27,8 +27,9 @@ from service.api.deps import (
 from service.api.views import describe_models, runtime_view
 from service.errors import BadRequest, NotFound, NotReady
 from service.loading import ServedVersion
-from service.pipeline import Images, Outcome, b64_image, infer, pixel_rows, top_k
+from service.pipeline import Images, Outcome, b64_image, infer
 from service.store import parse_version
+from service.tensors import ACCEPTS, classification_k, input_images, output_tensor, pack_bytes
 
 router = APIRouter(tags=["kserve-v2"])
 HEADER_LENGTH = "inference-header-content-length"
@@ -135,7 +136,7 @@ def _model_metadata(served: ServedVersion, loaded: list[int] | None = None) -> M
         inputs=[TensorMetadata(name="images", datatype="UINT8", shape=[-1, h, w, 3])],
         outputs=[TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, served.meta.num_classes])],
         parameters={"labels": served.meta.labels, **rt,
-                    "accepts": "UINT8 [N, H, W, 3] pixels, or BYTES [N] encoded images (JPEG, PNG, WebP, BMP)"},
+                    "accepts": ACCEPTS},
     )
 
 
@@ -176,21 +177,6 @@ def _split_body(raw: bytes, header_length: str | None) -> tuple[InferenceRequest
     return parse_body(InferenceRequest, head, HINTS), binary
 
 
-def _bytes_elements(buf: bytes) -> list[bytes]:
-    """BYTES tensor in binary form: each element is a 4-byte little-endian length, then the bytes."""
-    out, i = [], 0
-    while i < len(buf):
-        if i + 4 > len(buf):
-            raise BadRequest("BYTES binary data ends inside an element length")
-        (n,) = struct.unpack_from("<I", buf, i)
-        i += 4
-        if i + n > len(buf):
-            raise BadRequest("BYTES binary data ends inside an element")
-        out.append(buf[i : i + n])
-        i += n
-    return out
-
-
 def _json_bytes(data: Any) -> list[bytes]:
     if not isinstance(data, list):
         raise BadRequest("BYTES input 'data' must be a list of base64 strings")
@@ -211,25 +197,8 @@ def _binary_part(spec: RequestInput, binary: bytes) -> bytes | None:
 
 def _input_images(served: ServedVersion, spec: RequestInput, binary: bytes) -> Images:
     raw = _binary_part(spec, binary)
-    shape = spec.shape
-    n = shape[0] if shape else 0
-    h, w = served.meta.input.height, served.meta.input.width
-    if spec.datatype == "BYTES":
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise BadRequest(f"a BYTES input must have shape [N] or [N, 1], got {shape}")
-        blobs = _bytes_elements(raw) if raw is not None else _json_bytes(spec.data)
-        if len(blobs) != n:
-            raise BadRequest(f"the shape says {n} elements but {len(blobs)} were sent")
-        return Images(blobs=blobs)
-    if spec.datatype == "UINT8":
-        if len(shape) != 4 or shape[1:] != [h, w, 3]:
-            raise BadRequest(f"a UINT8 input must have shape [N, {h}, {w}, 3], got {shape}")
-        if raw is not None:
-            if len(raw) != n * h * w * 3:
-                raise BadRequest(f"binary_data_size {len(raw)} does not match shape {shape}")
-            return Images(pixels=list(np.frombuffer(raw, np.uint8).reshape(shape)))
-        return Images(pixels=pixel_rows(spec.data, h, w, shape))
-    raise BadRequest(f"datatype {spec.datatype!r} is not accepted: send BYTES (encoded images) or UINT8 (pixels)")
+    elements = _json_bytes(spec.data) if spec.datatype == "BYTES" and raw is None else None
+    return input_images(served, spec.datatype, spec.shape, raw=raw, elements=elements, values=spec.data)
 
 
 def _check_outputs(doc: InferenceRequest) -> list[RequestOutput]:
@@ -237,27 +206,22 @@ def _check_outputs(doc: InferenceRequest) -> list[RequestOutput]:
     for o in outputs:
         if o.name != "probabilities":
             raise BadRequest(f"unknown output {o.name!r}: this model has 'probabilities'")
-        k = (o.parameters or {}).get("classification", 0)
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-            raise BadRequest("the classification parameter must be a non-negative integer")
+        classification_k(o.parameters or {})
     return outputs
 
 
 def _output(o: RequestOutput, outcome: Outcome, binary_default: bool) -> tuple[dict[str, Any], bytes | None]:
     """One output's JSON entry, and its bytes when it goes out as binary tensor data."""
-    probs = outcome.probabilities.astype(np.float32)
     params = o.parameters or {}
-    k = min(params.get("classification", 0), probs.shape[1])
     as_binary = bool(params.get("binary_data", binary_default))
-    if k:
-        strings = [f"{t['score']:.6f}:{t['index']}:{t['label']}".encode()
-                   for row in top_k(probs, outcome.served.meta.labels, k) for t in row]
-        entry: dict[str, Any] = {"name": "probabilities", "datatype": "BYTES", "shape": [len(probs), k]}
-        blob = b"".join(struct.pack("<I", len(s)) + s for s in strings)
-        values: Any = [s.decode() for s in strings]
+    datatype, shape, data = output_tensor(outcome.probabilities, outcome.served.meta.labels,
+                                          classification_k(params))
+    entry: dict[str, Any] = {"name": "probabilities", "datatype": datatype, "shape": shape}
+    values: Any
+    if isinstance(data, np.ndarray):
+        blob, values = data.tobytes(), data.ravel()
     else:
-        entry = {"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape)}
-        blob, values = probs.tobytes(), probs.ravel()
+        blob, values = pack_bytes(data), [s.decode() for s in data]
     if as_binary:
         entry["parameters"] = {"binary_data_size": len(blob)}
         return entry, blob
@@ -275,7 +239,7 @@ async def _infer(request: Request, model: str, version: int | None) -> Response:
         outputs = _check_outputs(doc)
         return _input_images(served, doc.inputs[0], binary)
 
-    outcome = await infer(request, model, version, parse)
+    outcome = await infer(http_call(request), model, version, parse)
     assert doc is not None
     binary_default = bool((doc.parameters or {}).get("binary_data_output", False))
     rendered = [_output(o, outcome, binary_default) for o in outputs]

@@ -22,6 +22,7 @@ from service.api.deps import (
     PredictAuth,
     RegistryDep,
     error_response,
+    http_call,
     key_matches,
     not_ready_reason,
 )
@@ -128,7 +129,7 @@ async def answer(request: Request, model: str | None, version: int | None, k: in
     async def parse(served: ServedVersion) -> Images:
         return await read_images(request, settings.max_images_per_request, settings.max_form_fields)
 
-    outcome = await infer(request, model, version, parse, label)
+    outcome = await infer(http_call(request), model, version, parse, label)
     tops = top_k(outcome.probabilities, outcome.served.meta.labels, k)
     body = {
         "model": outcome.served.name,

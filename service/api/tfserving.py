@@ -16,6 +16,7 @@ from service.api.deps import (
     ORJSONResponse,
     PredictAuth,
     RegistryDep,
+    http_call,
     json_body_doc,
     parse_body,
 )
@@ -138,7 +139,7 @@ async def _predict(request: Request, name: str, version: int | None, label: str 
         return _images(body.items(), served)
 
     with _servable_not_found():
-        outcome = await infer(request, name, version, parse, label)
+        outcome = await infer(http_call(request), name, version, parse, label)
     key = "outputs" if columnar else "predictions"
     return ORJSONResponse({key: outcome.probabilities}, headers=outcome.headers())
 
