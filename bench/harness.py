@@ -84,6 +84,9 @@ class ServerProcess:
                  **settings: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        settings.setdefault("IMGSERVE_GRPC_PORT", str(free_port()))
+        self.grpc_port = int(settings["IMGSERVE_GRPC_PORT"])
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log = log
         env = service_env(IMGSERVE_HOST="127.0.0.1", IMGSERVE_PORT=str(self.port), IMGSERVE_MODEL_STORE=str(store),
                           **settings)

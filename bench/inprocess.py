@@ -51,7 +51,8 @@ async def measure(image: bytes, requests: int, rounds: int, query: bytes, size: 
     with tempfile.TemporaryDirectory(prefix="imgserve-inprocess-") as tmp:
         store = Path(tmp)
         publish_fake(store, "m", [f"class-{i}" for i in range(10)], size)
-        app = create_app(Settings(model_store=store, log_level="WARNING"), loader=lambda p, m: ConstantModel(m))
+        app = create_app(Settings(model_store=store, log_level="WARNING", grpc_port=0),
+                         loader=lambda p, m: ConstantModel(m))
         body, ctype = multipart(image, "photo.jpg") if as_multipart else (image, b"image/jpeg")
         headers = [(b"host", b"bench"), (b"content-type", ctype), (b"content-length", str(len(body)).encode())]
 

@@ -62,7 +62,7 @@ def main() -> int:
 
     if WORKER is None and settings.process_count > 1:
         return workers.Supervisor(settings.host, settings.port, settings.process_count,
-                                  settings.shutdown_delay_s + settings.drain_timeout_s + 10).run()
+                                  settings.shutdown_delay_s + settings.drain_timeout_s + 10, settings.grpc_port).run()
     return serve(settings, workers.listening_socket())
 
 

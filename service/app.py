@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +33,9 @@ from service.pipeline import ClientGone
 from service.registry import Registry
 from service.settings import Settings
 from service.workers import Board
+
+if TYPE_CHECKING:
+    from service.rpc.server import RpcServer
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,21 @@ async def _post_state(app: FastAPI, board: Board | None, metrics: Metrics) -> No
         await asyncio.sleep(0.05)
 
 
+async def _start_grpc(app: FastAPI, settings: Settings, *, reuse_port: bool) -> RpcServer | None:
+    """gRPC beside HTTP on IMGSERVE_GRPC_PORT (0: off), on this event loop, serving from the same state."""
+    if not settings.grpc_port:
+        return None
+    from service.rpc import kserve as rpc_kserve
+    from service.rpc import tfserving as rpc_tfserving
+    from service.rpc.server import RpcServer
+
+    server = RpcServer(app.state, settings, reuse_port=reuse_port)
+    rpc_kserve.register(server)
+    rpc_tfserving.register(server)
+    app.state.grpc_port = await server.start(settings.host, settings.grpc_port)
+    return server
+
+
 def _lifespan(settings: Settings, metrics: Metrics, loader: Loader | None) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,12 +107,15 @@ def _lifespan(settings: Settings, metrics: Metrics, loader: Loader | None) -> An
             # after this startup) until this one can answer too.
             await registry.scan()
         registry.start_polling()
+        rpc = await _start_grpc(app, settings, reuse_port=slot is not None)
         try:
             yield
         finally:
             app.state.draining = True
             metrics.ready.set(0)
             logger.info("draining: finishing queued rows (up to %.1fs)", settings.drain_timeout_s)
+            if rpc is not None:  # its calls in flight finish first: they need the batchers
+                await rpc.stop(settings.drain_timeout_s)
             await registry.stop(settings.drain_timeout_s)
             app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
             poster.cancel()

@@ -33,6 +33,11 @@ class Metrics:
         self.http_latency_by_route = Histogram("imgserve_http_request_duration_seconds",
                                                "Time to answer, by route and method", ["handler", "method"],
                                                buckets=(0.1, 0.5, 1), registry=r)
+        self.grpc_requests = Counter("imgserve_grpc_requests_total", "gRPC answers, by service, method and status code",
+                                     ["service", "method", "code"], registry=r)
+        self.grpc_latency = Histogram("imgserve_grpc_request_duration_seconds",
+                                      "Time from a gRPC call's arrival to its answer, by method", ["method"],
+                                      buckets=HTTP_BUCKETS, registry=r)
         self.decode_seconds = Histogram("imgserve_decode_seconds", "Time to decode and resize one image",
                                         buckets=FAST_BUCKETS, registry=r)
         self.queue_wait_seconds = Histogram("imgserve_queue_wait_seconds", "Time a row waited in the queue",
@@ -100,8 +105,8 @@ class Metrics:
         self.processes = Gauge("imgserve_server_processes", "Server processes answering on the port", registry=r,
                                multiprocess_mode="livesum")
         self.process_requests = Gauge("imgserve_server_process_requests",
-                                      "HTTP requests answered by each server process since it started (label pid "
-                                      "with several: how evenly the kernel spreads connections)", registry=r,
+                                      "HTTP requests and gRPC calls answered by each server process since it started "
+                                      "(label pid with several: how evenly the kernel spreads connections)", registry=r,
                                       multiprocess_mode="liveall")
         self.process_rss = Gauge("imgserve_server_process_resident_memory_bytes",
                                  "Resident memory of each server process (label pid with several)", registry=r,

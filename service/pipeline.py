@@ -109,6 +109,17 @@ class Outcome:
         }
 
 
+def not_ready(state: object) -> str | None:
+    """Why the service cannot answer predictions now (starting, draining, another process not ready), or None."""
+    if getattr(state, "draining", False):
+        return "draining for shutdown"
+    registry: Registry | None = getattr(state, "registry", None)
+    if registry is None or not registry.ready:
+        return "no model is loaded yet"
+    board = getattr(state, "board", None)
+    return board.others_not_ready() if board is not None else None
+
+
 async def infer(call: Call, model: str | None, version: int | None, parse: Parser,
                 label: str | None = None) -> Outcome:
     """Run one request's images through the version that serves `model` (the `version` or `label` it names,

@@ -112,6 +112,8 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="address uvicorn listens on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
+    grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (KServe v2 / Triton, TF Serving and health "
+                           "services; 8001 as in Triton); 0 turns gRPC off")
     model_store: Path = Field(Path("model_store"), description="model store folder (read only)")
     models: CommaList = Field(
         default_factory=list, description="serve only these models, comma-separated (empty: every model in the store)"

@@ -143,8 +143,8 @@ class Supervisor:
 
     RESTART_DELAY_S = 1.0
 
-    def __init__(self, host: str, port: int, count: int, stop_timeout_s: float) -> None:
-        self.host, self.port, self.count = host, port, count
+    def __init__(self, host: str, port: int, count: int, stop_timeout_s: float, grpc_port: int = 0) -> None:
+        self.host, self.port, self.count, self.grpc_port = host, port, count, grpc_port
         self.stop_timeout_s = stop_timeout_s
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.stopping = False
@@ -160,6 +160,10 @@ class Supervisor:
                                         family=socket.AF_INET6 if ":" in self.host else socket.AF_INET)
         except OSError as exc:
             print(f"cannot listen on {self.host}:{self.port}: {exc}", file=sys.stderr)
+            shutil.rmtree(board_dir, ignore_errors=True)
+            return 1
+        if self.grpc_port and not self._free(self.grpc_port):
+            sock.close()
             shutil.rmtree(board_dir, ignore_errors=True)
             return 1
         sock.set_inheritable(True)
@@ -184,6 +188,17 @@ class Supervisor:
         if failed:
             logger.error("server processes exited with %s", failed)
         return 1 if failed else 0
+
+    def _free(self, port: int) -> bool:
+        """The processes bind the gRPC port each (SO_REUSEPORT shares it among them): first make sure that
+        nothing else holds it, which SO_REUSEPORT would otherwise let them share with."""
+        try:
+            socket.create_server((self.host, port), family=socket.AF_INET6 if ":" in self.host else socket.AF_INET
+                                 ).close()
+        except OSError as exc:
+            print(f"cannot listen for gRPC on {self.host}:{port}: {exc}", file=sys.stderr)
+            return False
+        return True
 
     def _start(self, index: int, env: dict[str, str]) -> None:
         restart = "1" if index in self.procs else "0"

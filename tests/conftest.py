@@ -7,6 +7,8 @@ import os
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# in-process apps serve no gRPC unless a test asks (a real server from tests/support.py gets a free port)
+os.environ.setdefault("IMGSERVE_GRPC_PORT", "0")
 
 import json  # noqa: E402
 import shutil  # noqa: E402

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hmac
 from typing import Annotated, Any, TypeVar
 
 import cv2
@@ -13,9 +12,10 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
+from service.auth import key_matches
 from service.errors import BadRequest, NotReady, ServiceError, Unauthorized
 from service.metrics import Metrics
-from service.pipeline import ROUTE_KEY_HEADER, TIMEOUT_HEADER, Call, deadline_for
+from service.pipeline import ROUTE_KEY_HEADER, TIMEOUT_HEADER, Call, deadline_for, not_ready
 from service.registry import Registry
 from service.settings import Settings
 
@@ -121,13 +121,7 @@ def http_call(request: Request) -> Call:
 
 def not_ready_reason(request: Request) -> str | None:
     """Why the service cannot answer predictions now, or None when it can (every readiness endpoint)."""
-    if getattr(request.app.state, "draining", False):
-        return "draining for shutdown"
-    registry: Registry | None = getattr(request.app.state, "registry", None)
-    if registry is None or not registry.ready:
-        return "no model is loaded yet"
-    board = getattr(request.app.state, "board", None)
-    return board.others_not_ready() if board is not None else None
+    return not_ready(request.app.state)
 
 
 async def get_registry(request: Request) -> Registry:
@@ -141,16 +135,6 @@ def _check_key(request: Request, expected: str, what: str) -> None:
     if not key_matches(request.headers, expected):
         raise Unauthorized(f"this endpoint needs the {what} key: send 'Authorization: Bearer <key>' or "
                            "'X-API-Key: <key>'", headers={"WWW-Authenticate": "Bearer"})
-
-
-def key_given(headers: Any) -> str:
-    """The API key a request sends: `Authorization: Bearer <key>` or `X-API-Key: <key>`."""
-    auth = headers.get("authorization", "")
-    return str(auth[7:] if auth.lower().startswith("bearer ") else headers.get("x-api-key", ""))
-
-
-def key_matches(headers: Any, expected: str) -> bool:
-    return hmac.compare_digest(key_given(headers).encode(), expected.encode())
 
 
 async def require_predict_key(request: Request) -> None:

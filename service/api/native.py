@@ -23,11 +23,11 @@ from service.api.deps import (
     RegistryDep,
     error_response,
     http_call,
-    key_matches,
     not_ready_reason,
 )
 from service.api.multipart import MultipartError, read_parts
 from service.api.views import describe_models, runtime_view
+from service.auth import key_matches
 from service.errors import BadRequest, NotFound, NotReady, ServiceError, UnsupportedMediaType
 from service.loading import ServedVersion
 from service.pipeline import ClientGone, Images, infer, top_k
