@@ -11,6 +11,7 @@ ENV PYTHONUNBUFFERED=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
     IMGSERVE_HOST=0.0.0.0 \
     IMGSERVE_PORT=8000 \
+    IMGSERVE_GRPC_PORT=8001 \
     IMGSERVE_MODEL_STORE=/models
 
 WORKDIR /app
@@ -33,7 +34,7 @@ COPY docker/entrypoint.sh /usr/local/bin/imgserve-entrypoint
 RUN pip install --no-deps . && chmod 0755 /usr/local/bin/imgserve-entrypoint
 
 USER 10001
-EXPOSE 8000
+EXPOSE 8000 8001
 VOLUME ["/models"]
 HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=2)"]

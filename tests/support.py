@@ -335,3 +335,38 @@ def burst(url: str, body: bytes | list[bytes], n: int, path: str = "/predict",
     missing = [i for i, a in enumerate(answers) if a is None]
     assert not missing, f"{len(missing)} of {n} requests got no answer"
     return [a for a in answers if a is not None]
+
+
+# -- gRPC ------------------------------------------------------------------------------------------------
+
+def grpc_infer(target: str, model: str, images: list[bytes], timeout: float = 30,
+               **metadata: str) -> tuple[np.ndarray, dict[str, str]]:
+    """ModelInfer (KServe v2 / Triton gRPC) of encoded images on `target` (host:port): the probabilities and
+    the trailing metadata. Raises grpc.RpcError with the call's status."""
+    import grpc
+
+    from service.rpc import protos
+
+    req = protos.message("inference.ModelInferRequest")(model_name=model)
+    req.inputs.add(name="images", datatype="BYTES", shape=[len(images)]).contents.bytes_contents.extend(images)
+    resp_cls = protos.message("inference.ModelInferResponse")
+    with grpc.insecure_channel(target) as channel:
+        fn = channel.unary_unary(f"/{protos.KSERVE}/ModelInfer", request_serializer=lambda x: x.SerializeToString(),
+                                 response_deserializer=resp_cls.FromString)
+        resp, call = fn.with_call(req, timeout=timeout, metadata=tuple(metadata.items()) or None)
+    out = resp.outputs[0]
+    probs = np.frombuffer(resp.raw_output_contents[0], np.float32).reshape(list(out.shape))
+    return probs, dict(call.trailing_metadata() or ())
+
+
+def grpc_health(target: str, service: str = "") -> str:
+    """The grpc.health.v1 status of `service` on `target`: SERVING, NOT_SERVING, or the call's error code."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            resp = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError as exc:
+            return str(exc.code().name)  # type: ignore[attr-defined]
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.deploy.engine import BUILD, COMPOSE
-from tests.support import CLOTHING, REPO, clothing_images, wait_until
+from tests.support import CLOTHING, REPO, clothing_images, grpc_health, grpc_infer, wait_until
 
 # building the image and training the demo model inside it take minutes: a limit of its own
 pytestmark = [pytest.mark.slow, pytest.mark.compose, pytest.mark.timeout(3000)]
@@ -131,6 +131,12 @@ def test_the_stack_serves_scrapes_hot_loads_and_drains(stack: Stack) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "demo-shapes" and r.json()["version"] == 1
     assert r.headers["x-model-runtime"].startswith("openvino/")  # the slim image runs the OpenVINO variants
+    # the same photo over gRPC (KServe v2 ModelInfer) on the published port 8001: the same answer
+    assert grpc_health("127.0.0.1:8001") == "SERVING"
+    probs, trailers = grpc_infer("127.0.0.1:8001", "demo-shapes", [image.read_bytes()])
+    assert trailers["x-model-version"] == "1"
+    top = r.json()["predictions"][0]["top"][0]
+    assert int(probs[0].argmax()) == top["index"] and float(probs[0].max()) == pytest.approx(top["score"], abs=1e-5)
 
     def scraped() -> bool:
         targets = httpx.get(PROM + "/api/v1/targets", timeout=5).json()["data"]["activeTargets"]

@@ -59,7 +59,7 @@ def test_compose_wiring_matches_the_service() -> None:
     services = COMPOSE["services"]
     api = services["api"]
     paths = app_paths()
-    assert "8000:8000" in api["ports"]
+    assert "8000:8000" in api["ports"] and "8001:8001" in api["ports"]  # HTTP and gRPC
     assert "models:/models:ro" in api["volumes"]  # the store is read-only to the service
     health = " ".join(api["healthcheck"]["test"])
     served = re.search(r"127\.0\.0\.1:8000(/[a-z/]+)", health)
@@ -172,11 +172,12 @@ def test_kubernetes_deployment_matches_the_service() -> None:
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
     paths = app_paths()
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["httpGet"]["path"] in paths
-    assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
-    assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
     env = {e["name"]: e.get("value") for e in c["env"]}
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": int(env["IMGSERVE_PORT"]), "grpc": int(env["IMGSERVE_GRPC_PORT"])}
+    for probe in ("startupProbe", "readinessProbe"):  # grpc.health.v1, NOT_SERVING while loading or draining
+        assert c[probe]["grpc"]["port"] == ports["grpc"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health/live" and "/health/live" in paths
     assert set(env) <= SETTINGS_ENV
     drain = float(env["IMGSERVE_DRAIN_TIMEOUT_S"])
     assert pod["terminationGracePeriodSeconds"] > drain + c["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -188,7 +189,7 @@ def test_kubernetes_deployment_matches_the_service() -> None:
     assert mounts["/models"]["readOnly"] is True
     assert "/tmp" in mounts  # writable scratch on a read-only root filesystem
     (svc,) = K8S["service.yaml"]
-    assert svc["spec"]["ports"][0]["port"] == 8000
+    assert {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]} == {"http": "http", "grpc": "grpc"}
 
 
 def test_dockerfile_lints_and_follows_the_rules() -> None:

@@ -365,3 +365,18 @@ async def test_a_cancelled_call_is_counted_and_nothing_else_is_affected(tmp_path
             assert probabilities(resp).argmax() == 2
             assert (await http.get("/health/ready")).status_code == 200
             assert await metric("imgserve_rejections_total", reason="client_gone") == 1
+
+
+async def test_health_is_not_serving_until_a_model_is_loaded(tmp_path: Path) -> None:
+    port = free_port()
+    async with app_client(tmp_path, grpc_port=port, ready=False):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def status() -> int:
+                return int((await stub.Check(health_pb2.HealthCheckRequest(service=KS))).status)
+
+            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            write_fake_version(tmp_path, "fake", 1, LABELS)  # the next store poll loads it
+            await eventually_async(status, lambda s: s == health_pb2.HealthCheckResponse.SERVING, 30,
+                                   "health SERVING once the model is loaded")

@@ -1,0 +1,191 @@
+"""gRPC end to end, with the real clients unchanged: `tritonclient.grpc` (in an environment of its own: it
+pins protobuf<7) and TF Serving's published stubs (`tensorflow-serving-api`), against a real server on
+127.0.0.1 serving the model `train` made; answers equal to the REST ones; two processes on one port;
+health and calls while draining."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from tests.support import (
+    REPO,
+    LiveServer,
+    Trained,
+    grpc_health,
+    grpc_infer,
+    metric_sum,
+    start_server,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+KEY = "k3y"
+AUTH = {"authorization": f"Bearer {KEY}"}
+CLIENT_REQUIREMENTS = REPO / "tests" / "clients" / "tritonclient-grpc.txt"
+CLIENT_VENV = REPO / ".venv-clients" / "tritonclient-grpc"
+
+
+@pytest.fixture(scope="session")
+def triton_python() -> Path:
+    """Python of an environment with tritonclient[grpc] as pinned in tests/clients (made once, kept)."""
+    python, stamp = CLIENT_VENV / "bin" / "python", CLIENT_VENV / "requirements.txt"
+    if not (python.exists() and stamp.exists() and stamp.read_text() == CLIENT_REQUIREMENTS.read_text()):
+        shutil.rmtree(CLIENT_VENV, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(CLIENT_VENV)], check=True, timeout=300)
+        r = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(CLIENT_REQUIREMENTS)],
+                           capture_output=True, text=True, timeout=1200)
+        assert r.returncode == 0, r.stderr[-3000:]
+        shutil.copy(CLIENT_REQUIREMENTS, stamp)
+    return python
+
+
+@pytest.fixture(scope="module")
+def server(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    tmp = tmp_path_factory.mktemp("grpc")
+    shutil.copytree(trained.store, tmp / "store")
+    s = start_server(tmp / "store", tmp, IMGSERVE_API_KEY=KEY)
+    yield s
+    assert s.stop() == 0
+
+
+def rest_kserve(server: LiveServer, images: list[bytes]) -> np.ndarray:
+    r = httpx.post(server.url + "/v2/models/clothing/infer", headers=AUTH, timeout=60, json={"inputs": [
+        {"name": "images", "shape": [len(images)], "datatype": "BYTES",
+         "data": [base64.b64encode(b).decode() for b in images]}]})
+    assert r.status_code == 200, r.text
+    out = r.json()["outputs"][0]
+    return np.asarray(out["data"], np.float32).reshape(out["shape"])
+
+
+def test_tritonclient_grpc_unchanged(server: LiveServer, trained: Trained, triton_python: Path) -> None:
+    paths = trained.test_paths[:3]
+    r = subprocess.run([str(triton_python), str(REPO / "tests" / "clients" / "triton_grpc.py"), server.grpc_target,
+                        "clothing", KEY, *map(str, paths)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    seen = json.loads(r.stdout)
+    assert seen["live"] and seen["ready"] and seen["model_ready"] and not seen["unknown_ready"]
+    assert seen["metadata"]["inputs"][0]["shape"] == ["-1", str(trained.height), str(trained.width), "3"]
+    expected = rest_kserve(server, [p.read_bytes() for p in paths])
+    np.testing.assert_allclose(seen["probabilities"], expected, atol=1e-5)
+    assert seen["response"]["id"] == "t-1" and seen["response"]["model_version"] == str(trained.version)
+    for row, probs in zip(seen["top2"], expected, strict=True):
+        score, index, label = row[0].split(":")
+        assert int(index) == probs.argmax() and label == trained.labels[int(index)]
+    assert np.asarray(seen["pixels"]).shape == (1, len(trained.labels))
+    errors = seen["errors"]
+    assert errors["not_an_image"].startswith("StatusCode.INVALID_ARGUMENT"), errors
+    assert errors["unknown_model"].startswith("StatusCode.NOT_FOUND") and "nope" in errors["unknown_model"]
+    assert errors["unknown_version"].startswith("StatusCode.NOT_FOUND"), errors
+    assert errors["no_key"].startswith("StatusCode.UNAUTHENTICATED"), errors
+    stream = seen["stream"]
+    assert set(stream) == {"s-0", "s-2", "error-0"} or set(stream) == {"s-0", "s-2", "error-1"} or \
+        set(stream) == {"s-0", "s-2", "error-2"}, stream
+    np.testing.assert_allclose(stream["s-0"], expected, atol=1e-5)
+
+
+def test_tf_serving_stubs_unchanged(server: LiveServer, trained: Trained) -> None:
+    import tensorflow as tf
+    from tensorflow_serving.apis import (
+        classification_pb2,
+        get_model_metadata_pb2,
+        get_model_status_pb2,
+        model_service_pb2_grpc,
+        predict_pb2,
+        prediction_service_pb2_grpc,
+    )
+
+    images = [p.read_bytes() for p in trained.test_paths[:3]]
+    rest = httpx.post(server.url + "/v1/models/clothing:predict", headers=AUTH, timeout=60,
+                      json={"instances": [{"b64": base64.b64encode(b).decode()} for b in images]})
+    assert rest.status_code == 200, rest.text
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        req = predict_pb2.PredictRequest()
+        req.model_spec.name = "clothing"
+        req.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
+        resp = stub.Predict(req, timeout=60, metadata=tuple(AUTH.items()))
+        np.testing.assert_allclose(tf.make_ndarray(resp.outputs["probabilities"]), rest.json()["predictions"],
+                                   atol=1e-5)
+        assert resp.model_spec.version.value == trained.version
+        pixels = np.full((2, trained.height, trained.width, 3), 128, np.uint8)
+        req.inputs["images"].CopyFrom(tf.make_tensor_proto(pixels))
+        req.model_spec.version.value = trained.version
+        assert tf.make_ndarray(stub.Predict(req, timeout=60, metadata=tuple(AUTH.items()))
+                               .outputs["probabilities"]).shape == (2, len(trained.labels))
+
+        creq = classification_pb2.ClassificationRequest()
+        creq.model_spec.name = "clothing"
+        example = creq.input.example_list.examples.add()
+        example.features.feature["image/encoded"].bytes_list.value.append(images[0])
+        classes = stub.Classify(creq, timeout=60, metadata=tuple(AUTH.items())).result.classifications[0].classes
+        best = int(np.argmax(rest.json()["predictions"][0]))
+        assert classes[0].label == trained.labels[best] and len(classes) == len(trained.labels)
+
+        mreq = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        mreq.model_spec.name = "clothing"
+        meta = stub.GetModelMetadata(mreq, timeout=30)
+        sigs = get_model_metadata_pb2.SignatureDefMap()
+        meta.metadata["signature_def"].Unpack(sigs)
+        assert sigs.signature_def["serving_default"].outputs["probabilities"].dtype == tf.float32.as_datatype_enum
+
+        sreq = get_model_status_pb2.GetModelStatusRequest()
+        sreq.model_spec.name = "clothing"
+        status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(sreq, timeout=30)
+        assert [(s.version, s.state) for s in status.model_version_status] == [
+            (trained.version, get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
+
+        req.model_spec.name = "nope"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Predict(req, timeout=30, metadata=tuple(AUTH.items()))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and "Servable not found" in err.value.details()
+
+
+def test_two_processes_serve_grpc_on_one_port_and_metrics_add_up(trained: Trained, tmp_path: Path) -> None:
+    shutil.copytree(trained.store, tmp_path / "store")
+    server = start_server(tmp_path / "store", tmp_path, IMGSERVE_WORKERS="2")
+    try:
+        image = trained.test_paths[0].read_bytes()
+
+        def per_process() -> dict[str, float]:
+            text = httpx.get(server.url + "/metrics", timeout=10).text
+            return {line.split('pid="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines() if line.startswith("imgserve_server_process_requests{")}
+
+        before = per_process()
+        calls = 40
+        for _ in range(calls):  # a new connection each: the kernel spreads them over the processes
+            probs, _ = grpc_infer(server.grpc_target, "clothing", [image])
+            assert probs.shape == (1, len(trained.labels))
+        after = per_process()
+        assert sorted(after) == sorted(str(pid) for pid in server.workers())
+        # each process answered gRPC calls: more than the one scrape that can fall on it in between
+        assert all(after[pid] - before.get(pid, 0) >= 2 for pid in after), (before, after)
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        assert metric_sum(text, "imgserve_grpc_requests_total", method="ModelInfer", code="OK") == calls
+    finally:
+        assert server.stop() == 0
+
+
+def test_draining_is_not_serving_and_refuses_new_calls(trained: Trained, tmp_path: Path) -> None:
+    shutil.copytree(trained.store, tmp_path / "store")
+    server = start_server(tmp_path / "store", tmp_path, IMGSERVE_SHUTDOWN_DELAY_S="30")
+    image = trained.test_paths[0].read_bytes()
+    assert wait_until(lambda: grpc_health(server.grpc_target) == "SERVING", 30, "health SERVING")
+    server.proc.send_signal(signal.SIGTERM)
+    assert wait_until(lambda: grpc_health(server.grpc_target) == "NOT_SERVING", 30, "health NOT_SERVING")
+    with pytest.raises(grpc.RpcError) as err:
+        grpc_infer(server.grpc_target, "clothing", [image])
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()  # type: ignore[attr-defined]
+    assert server.stop(timeout=60) == 0  # a second SIGTERM ends the delay: a clean exit
