@@ -4,9 +4,10 @@ this server offers, their answers against the REST ones, and every status code o
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,21 @@ import httpx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from bench.harness import free_port
 from service.rpc import protos
-from tests.support import LABELS, FakeClassifier, app_client, eventually_async, jpeg, metric_sum, write_fake_version
+from tests.support import (
+    LABELS,
+    FakeClassifier,
+    app_client,
+    eventually_async,
+    grpc_infer,
+    jpeg,
+    metric_sum,
+    write_fake_version,
+)
 
 KS, PS, MS = protos.KSERVE, protos.PREDICTION, protos.MODEL_SERVICE
 OK = grpc.StatusCode.OK
@@ -380,3 +392,79 @@ async def test_health_is_not_serving_until_a_model_is_loaded(tmp_path: Path) -> 
             write_fake_version(tmp_path, "fake", 1, LABELS)  # the next store poll loads it
             await eventually_async(status, lambda s: s == health_pb2.HealthCheckResponse.SERVING, 30,
                                    "health SERVING once the model is loaded")
+
+
+@pytest.fixture(scope="module")
+def background_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The app with gRPC on a loop of its own thread, for synchronous clients (hypothesis drives them)."""
+    store = tmp_path_factory.mktemp("store")
+    write_fake_version(store, "fake", 1, LABELS)
+    port, started, stop = free_port(), threading.Event(), threading.Event()
+
+    async def serve() -> None:
+        async with app_client(store, grpc_port=port, max_images_per_request=4, max_upload_bytes=100_000):
+            started.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),))
+    thread.start()
+    assert started.wait(60)
+    yield f"127.0.0.1:{port}"
+    stop.set()
+    thread.join(60)
+
+
+SAFE_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+              grpc.StatusCode.RESOURCE_EXHAUSTED}
+TENSORS = st.builds(
+    lambda datatype, shape, raw, typed: (datatype, shape, raw, typed),
+    st.sampled_from(["BYTES", "UINT8", "FP32", "INT64", "", "bytes"]),
+    st.lists(st.integers(0, 20), max_size=5),
+    st.one_of(st.none(), st.binary(max_size=400), st.just(jpeg(200))),
+    st.lists(st.binary(max_size=50), max_size=3),
+)
+
+
+@given(body=st.binary(max_size=300))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_arbitrary_bytes_as_a_message_never_fail_the_server(background_server: str, body: bytes) -> None:
+    with grpc.insecure_channel(background_server) as channel:
+        fn = channel.unary_unary(f"/{KS}/ModelInfer")
+        try:
+            fn(body, timeout=30)
+            code = OK
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+    assert code in SAFE_CODES
+
+
+@given(tensors=st.lists(TENSORS, max_size=2), version=st.sampled_from(["", "1", "2", "x", "-1"]),
+       params=st.dictionaries(st.sampled_from(["label", "timeout", "other", "priority"]), st.integers(-5, 5),
+                              max_size=2), k=st.integers(-2, 5))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_arbitrary_requests_get_an_answer_or_a_client_error(background_server: str, tensors: list[Any],
+                                                           version: str, params: dict[str, int], k: int) -> None:
+    req = m("inference.ModelInferRequest", model_name="fake", model_version=version)
+    for datatype, shape, raw, typed in tensors:
+        spec = req.inputs.add(name="images", datatype=datatype, shape=shape)
+        if raw is not None:
+            req.raw_input_contents.append(raw if raw[:2] != b"\xff\xd8" else struct.pack("<I", len(raw)) + raw)
+        else:
+            spec.contents.bytes_contents.extend(typed)
+    for key, value in params.items():
+        req.parameters[key].int64_param = value
+    req.outputs.add(name="probabilities").parameters["classification"].int64_param = k
+    with grpc.insecure_channel(background_server) as channel:
+        fn = channel.unary_unary(f"/{KS}/ModelInfer", request_serializer=lambda x: x.SerializeToString())
+        try:
+            fn(req, timeout=30)
+            code = OK
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+    assert code in SAFE_CODES, code
+
+
+def test_the_server_still_answers_after_the_fuzzing(background_server: str) -> None:
+    probs, trailers = grpc_infer(background_server, "fake", [jpeg(250)])
+    assert probs.argmax() == 2 and trailers["x-model-version"] == "1"
