@@ -189,3 +189,31 @@ def test_draining_is_not_serving_and_refuses_new_calls(trained: Trained, tmp_pat
         grpc_infer(server.grpc_target, "clothing", [image])
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in err.value.details()  # type: ignore[attr-defined]
     assert server.stop(timeout=60) == 0  # a second SIGTERM ends the delay: a clean exit
+
+
+def readme_examples() -> dict[str, str]:
+    """The README's two gRPC examples, by the client package they import."""
+    text = (REPO / "README.md").read_text().split("### gRPC", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    return {("tritonclient" if "tritonclient" in b else "tfserving"): b for b in blocks}
+
+
+def test_the_readme_grpc_examples_run_as_written(server: LiveServer, trained: Trained, triton_python: Path,
+                                                 tmp_path: Path) -> None:
+    """Each example, with only the address and the model name changed, run by its own client package (the
+    examples send no key: a server of their own, started without one)."""
+    examples = readme_examples()
+    assert set(examples) == {"tritonclient", "tfserving"}
+    shutil.copy(trained.test_paths[0], tmp_path / "photo.jpg")
+    open_server = start_server(server.log.parent / "store", tmp_path)
+    try:
+        for name, python in (("tritonclient", triton_python), ("tfserving", Path(sys.executable))):
+            code = examples[name].replace("localhost:8001", open_server.grpc_target).replace("demo-shapes", "clothing")
+            r = subprocess.run([str(python), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+            printed = r.stdout.strip()
+            assert printed.startswith("[["), printed
+            if name == "tritonclient":
+                assert printed.count(":") == 6  # three "score:index:label" strings
+    finally:
+        assert open_server.stop() == 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from bench.harness import free_port
 from service.rpc import protos
 from tests.support import (
     LABELS,
+    REPO,
     FakeClassifier,
     app_client,
     eventually_async,
@@ -468,3 +471,11 @@ def test_arbitrary_requests_get_an_answer_or_a_client_error(background_server: s
 def test_the_server_still_answers_after_the_fuzzing(background_server: str) -> None:
     probs, trailers = grpc_infer(background_server, "fake", [jpeg(250)])
     assert probs.argmax() == 2 and trailers["x-model-version"] == "1"
+
+
+def test_the_grpc_side_imports_neither_tensorflow_nor_the_http_stack() -> None:
+    code = ("import sys, service.rpc.server, service.rpc.kserve, service.rpc.tfserving, service.pipeline; "
+            "print(sorted(m for m in ('tensorflow', 'fastapi', 'starlette', 'tritonclient', 'tensorflow_serving') "
+            "if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

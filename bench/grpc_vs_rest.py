@@ -1,0 +1,85 @@
+"""gRPC against this service's own REST, in one run on one server per model: REST multipart uploads by wrk
+(compiled) and by the Python httpx generator (bench.load), gRPC ModelInfer by the asyncio generator
+(bench.grpc_load), each closed-loop with N clients after a warm-up. Writes the table and raw results.
+
+    python -m bench.grpc_vs_rest [--models cnn,vgg16] [--clients 1,8,32] [--duration 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.harness import REPO, SHARED, service_env
+from bench.runs import WARMUP_S, Server, ensure_model, wrk
+
+STORE = REPO / "bench" / ".store"
+IMAGES = SHARED / "datasets" / "clothing-small" / "validation"
+
+
+def grpc_load(server: Server, model: str, clients: int, duration: float) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "bench.grpc_load", "--target", server.grpc_target, "--model", model,
+                          "--images", str(IMAGES), "--clients", str(clients), "--duration", str(duration),
+                          "--warmup", str(WARMUP_S)], cwd=REPO, env=service_env(), capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def http_load(server: Server, clients: int, duration: float) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-m", "bench.load", "--url", server.url, "--images", str(IMAGES),
+                          "--clients", str(clients), "--duration", str(duration), "--warmup", str(WARMUP_S)],
+                         cwd=REPO, env=service_env(), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="cnn,vgg16")
+    p.add_argument("--clients", default="1,8,32")
+    p.add_argument("--vgg16-clients", default="32")
+    p.add_argument("--duration", type=float, default=20.0)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"grpc-{time.strftime('%Y%m%d-%H%M')}")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    image = sorted(IMAGES.rglob("*.jpg"))[0]
+    rows = []
+    for kind in args.models.split(","):
+        version = ensure_model(STORE, kind)
+        model = version.parent.name
+        server = Server(STORE, model, args.out / f"server-{kind}.log")
+        try:
+            levels = args.vgg16_clients if kind == "vgg16" else args.clients
+            for clients in map(int, levels.split(",")):
+                wrk(server.url, image, clients, WARMUP_S, multipart=True)
+                runs = {"rest-multipart-wrk": wrk(server.url, image, clients, args.duration, multipart=True),
+                        "rest-multipart-httpx": http_load(server, clients, args.duration),
+                        "grpc-aio": grpc_load(server, model, clients, args.duration)}
+                for name, res in runs.items():
+                    rows.append({"model": kind, "clients": clients, "generator": name, **res})
+                    print(f"{kind:6} c={clients:<3} {name:22} {res['images_per_s']:8.1f}/s p50 {res['p50_ms']:.2f} ms "
+                          f"errors {res.get('errors', 0)}", flush=True)
+        finally:
+            server.stop()
+    doc = {"machine": {"cpu": platform.processor() or _cpu(), "cores": os.cpu_count()}, "rows": rows,
+           "command": " ".join(["python -m bench.grpc_vs_rest", *sys.argv[1:]])}
+    (args.out / "results.json").write_text(json.dumps(doc, indent=1))
+    print(f"wrote {args.out / 'results.json'}")
+    return 0
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
