@@ -88,8 +88,8 @@ class ServerProcess:
         self.grpc_port = int(settings["IMGSERVE_GRPC_PORT"])
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log = log
-        env = service_env(IMGSERVE_HOST="127.0.0.1", IMGSERVE_PORT=str(self.port), IMGSERVE_MODEL_STORE=str(store),
-                          **settings)
+        env = service_env(**{"IMGSERVE_HOST": "127.0.0.1", "IMGSERVE_PORT": str(self.port),
+                             "IMGSERVE_MODEL_STORE": str(store), **settings})
         t0 = time.perf_counter()
         with open(log, "wb") as fh:
             own = code / ".venv" / "bin" / "python"  # a checkout with its own venv runs with it (its own pins)

@@ -61,6 +61,11 @@ class Metrics:
                                     [*mv, "reason"], registry=r)
         self.rejections = Counter("imgserve_rejections_total", "Requests refused, by reason", ["reason"],
                                   registry=r)
+        self.store_syncs = Counter("imgserve_store_syncs_total", "Listings of the object store mirrored into the "
+                                   "local cache, by outcome (error: kept serving what was cached)", ["outcome"],
+                                   registry=r)
+        self.store_fetches = Counter("imgserve_store_fetches_total", "Versions copied from the object store "
+                                     "before loading, by outcome", ["model", "outcome"], registry=r)
         self.store_scans = Counter("imgserve_store_scans_total", "Scans of the model store completed, by outcome",
                                    ["outcome"], registry=r)
         self.rollout_role = Gauge("imgserve_rollout_role",

@@ -114,8 +114,10 @@ def not_ready(state: object) -> str | None:
     if getattr(state, "draining", False):
         return "draining for shutdown"
     registry: Registry | None = getattr(state, "registry", None)
-    if registry is None or not registry.ready:
+    if registry is None:
         return "no model is loaded yet"
+    if not registry.ready:
+        return registry.waiting_for()
     board = getattr(state, "board", None)
     return board.others_not_ready() if board is not None else None
 

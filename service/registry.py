@@ -20,6 +20,7 @@ from service import rollout, store
 from service.errors import BadRequest, NotFound, NotReady
 from service.loading import Loader, ServedVersion, load_version
 from service.metrics import Metrics
+from service.remote import Mirror, RemoteError
 from service.rollout import Candidate, Plan, RolloutError, RolloutState
 from service.settings import Settings
 from service.versions import VersionPolicy, signature
@@ -64,6 +65,24 @@ class Registry:
         self._logged_held: dict[str, set[int]] = {}
         # per (model, shadow version, answering version): this process's copies and what they showed
         self.shadow_stats: dict[tuple[str, int, int], defaultdict[str, float]] = {}
+        self.mirror: Mirror | None = None  # the object store mirrored into settings.model_store, if any
+        self.fetch_errors: dict[tuple[str, int], str] = {}
+        if settings.store_url:
+            secret = settings.s3_secret_access_key
+            self.mirror = Mirror.open(settings.store_url, settings.model_store,
+                                      int(settings.store_cache_max_gb * (1 << 30)), settings.s3_endpoint_url,
+                                      settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id
+                                      else None, secret.get_secret_value() if secret else None)
+
+    def waiting_for(self) -> str:
+        """Why no model is served yet, for readiness."""
+        if self.mirror is not None and self.mirror.error:
+            return f"no model is loaded yet: the model store {self.mirror.url} could not be read: {self.mirror.error}"
+        if self.fetch_errors:
+            return f"no model is loaded yet: {next(iter(self.fetch_errors.values()))}"
+        if self.mirror is not None and self.mirror.last_sync is None:
+            return f"no model is loaded yet: listing the model store {self.mirror.url}"
+        return "no model is loaded yet"
 
     # -- what is served ------------------------------------------------------------------------------------
 
@@ -96,8 +115,12 @@ class Registry:
             await asyncio.sleep(self.settings.poll_interval_s)
 
     async def scan(self) -> None:
-        """Bring every model's loaded versions and roles in line with its rollout state and the store."""
+        """Bring every model's loaded versions and roles in line with its rollout state and the store (first
+        its local copy, when the store is object storage)."""
         async with self._scan_lock:
+            if self.mirror is not None:
+                synced = await asyncio.to_thread(self.mirror.sync)
+                self.metrics.store_syncs.labels("ok" if synced else "error").inc()
             for name in self.policy.models():
                 await self._update(name)
 
@@ -146,6 +169,23 @@ class Registry:
             out.append(Candidate(v, meta.metrics.get("accuracy"), (meta.model_extra or {}).get("comparison")))
         return out
 
+    async def _fetched(self, name: str, version: int, loaded: dict[int, ServedVersion]) -> bool:
+        """The version's files copied from object storage into the cache; False (and why, kept for the status
+        and readiness) while they cannot be: tried again at a later scan, with backoff."""
+        assert self.mirror is not None
+        keep = {(n, v) for n, m in self.models.items() for v in m.loaded} | {(name, v) for v in loaded}
+        try:
+            await asyncio.to_thread(self.mirror.fetch, name, version, keep)
+        except RemoteError as exc:
+            if self.fetch_errors.get((name, version)) != str(exc):
+                logger.error("%s", exc)
+            self.fetch_errors[(name, version)] = str(exc)
+            self.metrics.store_fetches.labels(name, "error").inc()
+            return False
+        self.fetch_errors.pop((name, version), None)
+        self.metrics.store_fetches.labels(name, "ok").inc()
+        return True
+
     def _refuse(self, name: str, version: int, sig: tuple[float, ...], reason: str) -> None:
         logger.error("refusing %s version %d: %s", name, version, reason)
         self.policy.failed(name, version, sig, reason)
@@ -183,6 +223,8 @@ class Registry:
             if v in loaded:
                 continue
             path = store.version_dir(s.model_store, name, v)
+            if self.mirror is not None and not await self._fetched(name, v, loaded):
+                continue
             logger.info("loading %s version %d from %s (%s)", name, v, path, plan.roles().get(v, "available"))
             try:
                 sig = signature(path)

@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m service.rollout", description=(
         "Roll versions of a model out and back, on the model store directly (works with the service stopped, "
         "and for every replica reading the store; running services follow within their poll interval)."))
-    ap.add_argument("--store", type=Path, default=Path(os.environ.get("IMGSERVE_MODEL_STORE", "model_store")))
+    ap.add_argument("--store", default=os.environ.get("IMGSERVE_MODEL_STORE", "model_store"),
+                    help="the model store: a folder, or object storage (s3://bucket/prefix)")
     ap.add_argument("--max-accuracy-drop", type=float,
                     default=float(os.environ.get("IMGSERVE_MAX_ACCURACY_DROP", "1.0")),
                     help="accuracy points a gated version may lose against the one it was compared with")
@@ -493,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-p99-ratio", type=float, default=1.5, help="canary p99 at most this times stable's")
     p.add_argument("--min-p99-gap", type=float, default=0.05, help="seconds: a smaller p99 difference never fails")
     a = ap.parse_args(argv)
+    if "://" in a.store:
+        return _on_object_store(a, argv)
+    a.store = Path(a.store)
     if a.command == "watch":
         from service.progressive import Thresholds
 
@@ -511,6 +515,49 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(out, indent=1))
     return 0
+
+
+def _on_object_store(a: Any, argv: list[str] | None) -> int:
+    """A command on a store in object storage: run on a local copy of its metadata and rollout files, then
+    the rollout file uploaded (replicas follow at their next listing)."""
+    import sys
+
+    from service import remote
+
+    if a.command == "watch":
+        print("refused: `watch` needs a store folder; run it where the store is mounted, or step it with "
+              "the service's admin endpoint", file=sys.stderr)
+        return 2
+    try:
+        with remote.staged_mirror(a.store, **remote.env_options()) as mirror:
+            before = (mirror.cache / a.model / remote.ROLLOUT_FILE)
+            old = before.read_bytes() if before.is_file() else None
+            code = main(_with_store(argv, str(mirror.cache)))
+            if code == 0 and before.is_file() and before.read_bytes() != old:
+                mirror.put_rollout(a.model)
+            return code
+    except remote.RemoteError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+
+
+def _with_store(argv: list[str] | None, store: str) -> list[str]:
+    """The same command line with `--store` pointing at `store`."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+            continue
+        if arg == "--store":
+            skip = True
+            continue
+        if arg.startswith("--store="):
+            continue
+        out.append(arg)
+    return ["--store", store, *out]
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -114,7 +116,16 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="TCP port")
     grpc_port: int = Field(8001, ge=0, le=65535, description="gRPC port (KServe v2 / Triton, TF Serving and health "
                            "services; 8001 as in Triton); 0 turns gRPC off")
-    model_store: Path = Field(Path("model_store"), description="model store folder (read only)")
+    model_store: Path = Field(Path("model_store"), description="model store: a folder (read only), or object storage "
+                              "(s3://bucket/prefix, or another fsspec URL) mirrored into store_cache_dir")
+    store_url: str = Field("", description="the object store being mirrored (set from a model_store URL)")
+    store_cache_dir: Path = Field(Path(tempfile.gettempdir()) / "imgserve-store-cache",
+                                  description="local copy of the versions served from object storage")
+    store_cache_max_gb: float = Field(20.0, gt=0, description="bound on the local copy: versions not being served are "
+                                      "dropped from it, oldest first")
+    s3_endpoint_url: str = Field("", description="S3-compatible endpoint (MinIO, ...); empty: AWS")
+    s3_access_key_id: SecretStr | None = Field(None, description="S3 key (else AWS_ACCESS_KEY_ID, ~/.aws, roles)")
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret (else AWS_SECRET_ACCESS_KEY, ...)")
     models: CommaList = Field(
         default_factory=list, description="serve only these models, comma-separated (empty: every model in the store)"
     )
@@ -204,6 +215,17 @@ class Settings(BaseSettings):
         `imgserve_api_key` and `imgserve_admin_api_key`)."""
         secrets = os.environ.get("IMGSERVE_SECRETS_DIR")
         return cls(_secrets_dir=secrets) if secrets else cls()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _store_url(cls, data: Any) -> Any:
+        """A model_store URL is mirrored: the service reads its local copy, a folder per URL in the cache."""
+        if isinstance(data, dict) and "://" in str(data.get("model_store", "")):
+            url = str(data["model_store"]).rstrip("/")
+            cache = Path(data.get("store_cache_dir") or Path(tempfile.gettempdir()) / "imgserve-store-cache")
+            data = {**data, "store_url": url,
+                    "model_store": cache / hashlib.sha256(url.encode()).hexdigest()[:16]}
+        return data
 
     @model_validator(mode="after")
     def _check_timeouts(self) -> Settings:

@@ -13,12 +13,13 @@ os.environ.setdefault("IMGSERVE_GRPC_PORT", "0")
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import uuid  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.support import CLOTHING, SLOW_TEST, LiveServer, Trained, start_server  # noqa: E402
+from tests.support import CLOTHING, S3, SLOW_TEST, LiveServer, Trained, free_port, start_server  # noqa: E402
 
 # What only slow tests may use: the quick loop (`-m "not slow"`) trains nothing and starts no server.
 SLOW_FIXTURES = {"trained", "live"}
@@ -54,6 +55,28 @@ def _only_slow_tests_start_servers(request: pytest.FixtureRequest) -> Iterator[N
     SLOW_TEST.value = request.node.get_closest_marker("slow") is not None
     yield
     SLOW_TEST.value = True
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a loopback port, for the whole session (each test makes its own bucket)."""
+    from moto.server import ThreadedMotoServer
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        os.environ.setdefault(key, "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint: str) -> S3:
+    bucket = S3(s3_endpoint, f"models-{uuid.uuid4().hex[:12]}")
+    bucket.client().create_bucket(Bucket=bucket.bucket)
+    return bucket
 
 
 @pytest.fixture(scope="session")

@@ -154,7 +154,7 @@ async def app_client(store: Path, *, loader: Callable[[Path, Any], Any] | None =
     from service.settings import Settings
 
     settings.setdefault("poll_interval_s", 0.05)
-    app = create_app(Settings(model_store=store, **settings), loader=loader or (lambda p, m: FakeClassifier(m)))
+    app = create_app(Settings(**{"model_store": store, **settings}), loader=loader or (lambda p, m: FakeClassifier(m)))
     async with LifespanManager(app) as manager:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://test") as c:
             c.app = app  # type: ignore[attr-defined]
@@ -370,3 +370,32 @@ def grpc_health(target: str, service: str = "") -> str:
         except grpc.RpcError as exc:
             return str(exc.code().name)  # type: ignore[attr-defined]
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
+# -- object storage --------------------------------------------------------------------------------------
+
+@dataclass
+class S3:
+    """A real S3 API server on 127.0.0.1 (moto's threaded server) and a bucket of the test's own."""
+
+    endpoint: str
+    bucket: str
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/models"
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def keys(self, prefix: str = "models/") -> dict[str, int]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
+
+    def settings(self) -> dict[str, Any]:
+        """Service settings for a store in this bucket."""
+        return {"model_store": self.url, "s3_endpoint_url": self.endpoint, "s3_access_key_id": "testing",
+                "s3_secret_access_key": "testing"}

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing was published, and the feature cache was removed", file=sys.stderr)
         return 130
     m = result.metrics
-    print(f"published {result.version_dir}: accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}")
+    print(f"published {result.published}: accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}")
     return 0
 
 

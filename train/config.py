@@ -84,6 +84,11 @@ def _bool(text: str) -> bool | None:
     raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
 
 
+def store_location(text: str) -> Path:
+    """A store folder, or an object-storage URL kept as written (a Path would fold its `//`)."""
+    return text if "://" in text else Path(text)  # type: ignore[return-value]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, with its default and help from the dataclass."""
     for f in dataclasses.fields(TrainConfig):
@@ -92,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         kind = str(f.type).split(" | ")[0]
         convert = {"Path": Path, "int": int, "float": float, "bool": _bool}.get(kind, str)
+        if f.name == "store":
+            convert = store_location
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if default is dataclasses.MISSING:
             default = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import math
@@ -19,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from service import store
+from service import remote, store
 from service.cpu import cpu_has_bf16
 from service.metadata import ModelMeta
 from train import data as dataset
@@ -56,6 +57,7 @@ class TrainResult:
     model: keras.Model
     test_paths: list[Path]
     test_probabilities: np.ndarray
+    published: str = ""  # where the version lives: its folder, or its URL in object storage
 
 
 def default_name(data: Path) -> str:
@@ -686,7 +688,25 @@ def native_bfloat16() -> bool:
 
 
 def run(cfg: TrainConfig) -> TrainResult:
-    """Train, evaluate and publish; returns where the new version lives."""
+    """Train, evaluate and publish; returns where the new version lives. A store in object storage
+    (`--store s3://bucket/prefix`) is staged locally (service/remote.py: its versions' metadata and the
+    newest version, for the comparison), the version is made there, then uploaded, model.json last."""
+    location = str(cfg.store)
+    if not remote.is_url(location):
+        result = _run(cfg)
+        return dataclasses.replace(result, published=str(result.version_dir))
+    name = cfg.name or default_name(cfg.data)
+    options = remote.env_options()
+    with remote.staged(location, name, **options) as local:
+        result = _run(dataclasses.replace(cfg, store=local, name=name))
+        t = time.perf_counter()
+        version = remote.publish_version(result.version_dir, location, name, **options)
+        result.timings_s["upload"] = time.perf_counter() - t
+    logger.info("uploaded %s version %d to %s in %.1fs", name, version, location, result.timings_s["upload"])
+    return dataclasses.replace(result, published=f"{location.rstrip('/')}/{name}/{version}")
+
+
+def _run(cfg: TrainConfig) -> TrainResult:
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {', '.join(BACKBONES)}")
     keras.utils.set_random_seed(cfg.seed)

@@ -206,7 +206,10 @@ class FastPath:
 @router.get("/v1/models", tags=["models"], summary="Models, versions, states, runtimes and labels",
             response_class=ORJSONResponse)
 async def list_models(registry: RegistryDep) -> Response:
-    return ORJSONResponse({"models": describe_models(registry)})
+    doc: dict[str, Any] = {"models": describe_models(registry)}
+    if registry.mirror is not None:
+        doc["store"] = registry.mirror.status()
+    return ORJSONResponse(doc)
 
 
 @router.get("/health/live", tags=["health"], summary="The process answers",

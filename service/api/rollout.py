@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field
 from service import rollout, store
 from service.api.deps import AdminAuth, RegistryDep
 from service.api.views import shadow_view
-from service.errors import BadRequest, NotFound
+from service.errors import BadRequest, NotFound, NotReady
+from service.remote import RemoteError
 
 router = APIRouter(tags=["rollout"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -78,5 +79,10 @@ async def rollout_command(model: str, command: str, registry: RegistryDep, reque
     except OSError as exc:  # a read-only store: the command cannot be recorded
         raise BadRequest(f"refused: the rollout state could not be written ({exc}); the store is read-only here: "
                          "run `python -m service.rollout` where it is writable") from exc
+    if registry.mirror is not None:  # the state lives in the bucket: every replica follows it
+        try:
+            await asyncio.to_thread(registry.mirror.put_rollout, name)
+        except RemoteError as exc:
+            raise NotReady(str(exc)) from exc
     await registry.scan()
     return out

@@ -50,6 +50,8 @@ def version_entries(registry: Registry, name: str) -> list[dict[str, Any]]:
             entry.update(state="AVAILABLE", role=m.role(v), **runtime_view(m.loaded[v]))
         elif fail:
             entry.update(state="FAILED", role="failed", reason=fail.reason)
+        elif (name, v) in registry.fetch_errors:
+            entry.update(state="NOT_LOADED", reason=registry.fetch_errors[(name, v)])
         elif m is not None and v in m.plan.held:
             entry.update(state="NOT_LOADED", role="held", reason=m.plan.held[v])
         elif m is not None and v in m.refused:

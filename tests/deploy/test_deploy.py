@@ -154,7 +154,7 @@ def test_dashboard_and_rules_name_only_exposed_metrics(tmp_path: Path) -> None:
 
 
 def test_kubernetes_manifests_validate() -> None:
-    core = [str(REPO / "deploy" / "k8s" / n) for n in ("deployment.yaml", "service.yaml", "pvc.yaml")]
+    core = [str(REPO / "deploy" / "k8s" / n) for n in ("deployment.yaml", "service.yaml", "store.yaml")]
     r = subprocess.run([tool("kubernetes-validate"), "--strict", *core], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     (scaled,) = K8S["scaledobject.yaml"]
@@ -186,8 +186,18 @@ def test_kubernetes_deployment_matches_the_service() -> None:
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
     assert pod["securityContext"]["runAsNonRoot"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert mounts["/models"]["readOnly"] is True
     assert "/tmp" in mounts  # writable scratch on a read-only root filesystem
+    # the store is a bucket (no shared volume): its URL from the ConfigMap, the credentials from a Secret,
+    # and this replica's copy on a volume of its own, bounded below that volume's size
+    refs = {e["name"]: e.get("valueFrom", {}) for e in c["env"]}
+    (store_cm,) = K8S["store.yaml"]
+    assert refs["IMGSERVE_MODEL_STORE"]["configMapKeyRef"]["name"] == store_cm["metadata"]["name"]
+    assert store_cm["data"]["url"].startswith("s3://")
+    assert refs["IMGSERVE_S3_SECRET_ACCESS_KEY"]["secretKeyRef"]["key"] == "secret-access-key"
+    cache = mounts[env["IMGSERVE_STORE_CACHE_DIR"]]
+    volume = next(v for v in pod["volumes"] if v["name"] == cache["name"])
+    assert float(env["IMGSERVE_STORE_CACHE_MAX_GB"]) < float(volume["emptyDir"]["sizeLimit"].removesuffix("Gi"))
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
     (svc,) = K8S["service.yaml"]
     assert {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]} == {"http": "http", "grpc": "grpc"}
 
