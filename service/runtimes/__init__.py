@@ -52,6 +52,16 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def tensorflow_available() -> bool:
+    """TensorFlow is installed: not in the serving image, which runs the versions' OpenVINO variants."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+NO_TENSORFLOW = ("this installation has no TensorFlow (the serving image): it serves versions through their "
+                 "OpenVINO variants only; publish the version with variants (`python -m train optimize`), or "
+                 "serve it with the full image (`pip install 'imgserve[tensorflow]'`)")
+
+
 def nvidia_gpu_present() -> bool:
     """An NVIDIA driver is loaded (checked without importing TensorFlow, which costs ~0.5 GB of memory)."""
     return Path("/proc/driver/nvidia/gpus").is_dir() or Path("/dev/nvidia0").exists()
@@ -74,6 +84,12 @@ def configure(settings: Settings) -> str:
     """Process-wide set-up of the runtimes the settings may use (before any model loads); returns the
     device and precision in words, for the log and /health/ready. TensorFlow is only imported when it
     may serve first: with IMGSERVE_RUNTIME=tensorflow, without OpenVINO, or with an NVIDIA GPU."""
+    if not tensorflow_available():
+        if settings.runtime == "tensorflow" or not openvino_available():
+            raise ModelLoadError(f"IMGSERVE_RUNTIME={settings.runtime}: {NO_TENSORFLOW}")
+        from service.runtimes.openvino import describe
+
+        return f"CPU, OpenVINO only (no TensorFlow installed); {describe()}"
     if settings.runtime == "tensorflow" or not openvino_available() or nvidia_gpu_present():
         device = tensorflow_device(settings)
         if not device.startswith("CPU") or settings.runtime == "tensorflow" or not openvino_available():
@@ -124,7 +140,7 @@ def load(path: Path, meta: ModelMeta, settings: Settings) -> Runtime:
     """The runtime serving the version in `path`: the fastest usable variant, else its SavedModel (on a CPU,
     converted by OpenVINO when that answers alike: `converted`). A variant that fails to load (or to
     answer one image) is refused with its reason, and the next one is tried."""
-    gpu = nvidia_gpu_present() and tensorflow_device(settings).startswith("GPU")
+    gpu = nvidia_gpu_present() and tensorflow_available() and tensorflow_device(settings).startswith("GPU")
     digest: str | None = None
     for variant in choose(meta, settings, gpu=gpu, bf16=cpu_has_bf16()):
         try:
@@ -141,6 +157,9 @@ def load(path: Path, meta: ModelMeta, settings: Settings) -> Runtime:
         except Exception as exc:
             logger.error("%s version %d: refusing variant %s, serving the next choice: %s: %s", meta.name,
                          meta.version, variant.key, exc.__class__.__name__, exc)
+    if not tensorflow_available():
+        tried = "none of its variants can serve here (reasons above)" if meta.variants else "it has no variant"
+        raise ModelLoadError(f"{tried}, and {NO_TENSORFLOW}")
     if settings.runtime == "openvino" and meta.variants:
         logger.warning("%s version %d: IMGSERVE_RUNTIME=openvino but no variant could serve; using the "
                        "SavedModel", meta.name, meta.version)

@@ -123,3 +123,20 @@ def test_openvino_sends_no_telemetry_and_never_forks_the_server() -> None:
     out = subprocess.run([sys.executable, "-c", FORKS], capture_output=True, text=True, env=env,
                          check=True, cwd=Path(__file__).resolve().parents[2], timeout=120).stdout.split()
     assert out == ["0", "True"]
+
+
+def test_without_tensorflow_a_version_with_no_usable_variant_is_refused_with_the_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving image has no TensorFlow: a version is served by a variant or not at all, and says why."""
+    from service import runtimes
+
+    monkeypatch.setattr(runtimes, "tensorflow_available", lambda: False)
+    monkeypatch.setattr(runtimes, "tensorflow_device", lambda s: pytest.fail("TensorFlow must not be configured"))
+    bare = ModelMeta.create(labels=["a", "b"], size=(8, 8), backbone="cnn")
+    with pytest.raises(runtimes.ModelLoadError, match="it has no variant, and this installation has no TensorFlow"):
+        runtimes.load(tmp_path, bare, Settings())
+    with pytest.raises(runtimes.ModelLoadError, match="none of its variants can serve here"):
+        runtimes.load(tmp_path, META, Settings())  # its variant files are missing: each refused, then this
+    assert "OpenVINO only" in runtimes.configure(Settings())
+    with pytest.raises(runtimes.ModelLoadError, match="IMGSERVE_RUNTIME=tensorflow"):
+        runtimes.configure(Settings(runtime="tensorflow"))
