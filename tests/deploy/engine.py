@@ -22,7 +22,8 @@ COMPOSE = ["docker", "compose", "-p", PROJECT, "-f", "docker-compose.yml", "-f",
 
 
 class ImageBuild:
-    """`scripts/container-engine.sh up` and `docker compose build api`, in one background process group."""
+    """`scripts/container-engine.sh up` and `docker compose build api demo-init` (the serving image and the
+    full one), in one background process group."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
@@ -37,7 +38,8 @@ class ImageBuild:
         self.started = time.perf_counter()
         with open(self.dir / "build.log", "wb") as log:
             self.proc = subprocess.Popen(["bash", "-c", script, "build", str(self.dir / "exports"), *COMPOSE,
-                                          "build", "api"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                          "--profile", "replicas", "build", "api", "demo-init", "store", "lb"],
+                                         cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     def wait(self, timeout: float) -> tuple[dict[str, str], float]:
