@@ -55,8 +55,7 @@ class Container:
         settings = {**store, "IMGSERVE_PORT": str(self.port), "IMGSERVE_GRPC_PORT": str(free_port()),
                     "IMGSERVE_HOST": "127.0.0.1", "IMGSERVE_STORE_CACHE_DIR": "/cache",
                     "IMGSERVE_MAX_ACCURACY_DROP": "100", "IMGSERVE_MAX_BATCH_SIZE": "32",
-                    "IMGSERVE_MAX_QUEUE_ROWS": "1024", "IMGSERVE_REQUEST_TIMEOUT_MS": "120000",
-                    "IMGSERVE_BATCHES_IN_FLIGHT": "2"}
+                    "IMGSERVE_MAX_QUEUE_ROWS": "1024", "IMGSERVE_REQUEST_TIMEOUT_MS": "120000"}
         flags = [x for k, v in settings.items() for x in ("-e", f"{k}={v}")]
         t0 = time.perf_counter()
         docker(env, "run", "-d", "--name", self.name, "--network", "host", "-v", f"{cache}:/cache", *flags, image)
@@ -98,10 +97,13 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
+    import logging
+
     from moto.server import ThreadedMotoServer
 
     from service.remote import publish_version
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request otherwise
     env = engine_env()
     for image in IMAGES.values():
         docker(env, "image", "inspect", image)  # fails with the reason when an image is missing

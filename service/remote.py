@@ -332,8 +332,8 @@ def _replace_dir(new: Path, final: Path) -> None:
 
 def publish_version(local: Path, url: str, name: str, endpoint_url: str = "", key: str | None = None,
                     secret: str | None = None) -> int:
-    """Upload a version made in a local store (`local` = <store>/<name>/<v>) as the next version of `name` at
-    `url`: every file, each size checked, then model.json (renumbered) last. The number is one above every
+    """Upload a version made in a local store (`local` = <store>/<model>/<v>) as the next version of `name` at
+    `url`: every file, each size checked, then model.json (with that name and number) last. The number is one above every
     version folder there, complete or not, so an interrupted upload's number is never reused. Returns it."""
     fs, root = filesystem(url, endpoint_url, key, secret)
     prefix = f"{root}/{name}"
@@ -344,12 +344,13 @@ def publish_version(local: Path, url: str, name: str, endpoint_url: str = "", ke
     files = sorted(p for p in local.rglob("*") if p.is_file() and p.name != METADATA_FILE)
     for f in files:
         dest = f"{prefix}/{version}/{f.relative_to(local).as_posix()}"
+        fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)  # object stores have no folders; file systems do
         fs.put_file(str(f), dest)
         size = fs.info(dest)["size"]
         if size != f.stat().st_size:
             raise RemoteError(f"{dest}: uploaded {size} bytes of {f.stat().st_size}")
     doc = json.loads((local / METADATA_FILE).read_text())
-    doc["version"] = version
+    doc.update(name=name, version=version)
     if fs.exists(f"{prefix}/{version}/{METADATA_FILE}"):
         raise RemoteError(f"{name} version {version} was published by someone else meanwhile; publish again")
     fs.pipe_file(f"{prefix}/{version}/{METADATA_FILE}", json.dumps(doc, indent=2, sort_keys=True).encode())
