@@ -333,8 +333,9 @@ def _replace_dir(new: Path, final: Path) -> None:
 def publish_version(local: Path, url: str, name: str, endpoint_url: str = "", key: str | None = None,
                     secret: str | None = None) -> int:
     """Upload a version made in a local store (`local` = <store>/<model>/<v>) as the next version of `name` at
-    `url`: every file, each size checked, then model.json (with that name and number) last. The number is one above every
-    version folder there, complete or not, so an interrupted upload's number is never reused. Returns it."""
+    `url`: every file, each size checked, then model.json (with that name and number) last. The number is one
+    above every version folder there, complete or not, so an interrupted upload's number is never reused.
+    Returns it."""
     fs, root = filesystem(url, endpoint_url, key, secret)
     prefix = f"{root}/{name}"
     existing = []
