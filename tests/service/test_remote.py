@@ -28,6 +28,7 @@ from tests.support import (
     free_port,
     jpeg,
     metric_sum,
+    wait_until,
     write_fake_version,
 )
 
@@ -225,3 +226,34 @@ def test_another_fsspec_scheme_works_the_same_way(tmp_path: Path) -> None:
     m = Mirror.open(url, tmp_path / "cache", 1 << 30)
     assert m.sync() and sorted(m.listing["fake"]) == [1]
     assert read_metadata(m.fetch("fake", 1), name="fake", version=1).version == 1
+
+
+async def test_wrong_credentials_are_refused_by_the_store_and_said_so(tmp_path: Path) -> None:
+    """An S3 server that checks keys (moto with authentication on, in a process of its own): the service
+    with a key the store does not know is not ready, and says why."""
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}  # moto authenticates every request
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(endpoint + "/moto-api/", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 60, "the S3 server")
+        settings = {"model_store": "s3://models/store", "s3_endpoint_url": endpoint, "s3_access_key_id": "nobody",
+                    "s3_secret_access_key": "wrong", "store_cache_dir": tmp_path / "cache"}
+        async with app_client(tmp_path / "unused", ready=False, **settings) as client:
+            async def ready() -> httpx.Response:
+                return await client.get("/health/ready")
+
+            r = await eventually_async(ready, lambda r: "could not be read" in r.text, 30, "the reason")
+            assert r.status_code == 503
+            assert "InvalidAccessKeyId" in r.text or "AccessDenied" in r.text or "PermissionError" in r.text, r.text
+    finally:
+        proc.terminate()
+        proc.wait(30)
