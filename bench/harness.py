@@ -77,28 +77,45 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+PORT_TAKEN = ("Address already in use", "address already in use", "Failed to bind")
+
+
 class ServerProcess:
-    """`python -m service` on 127.0.0.1 and a free port, returned once /health/ready answers 200."""
+    """`python -m service` on 127.0.0.1 and free ports (HTTP and gRPC), returned once /health/ready answers
+    200. A port found free can be taken by another process before the server binds it (a client's ephemeral
+    port, on a busy machine): the server then exits saying so, and is started again on other ports."""
 
     def __init__(self, store: Path, log: Path, *, ready_timeout: float = 120, code: Path = REPO,
                  **settings: str) -> None:
+        self.log = log
+        t0 = time.perf_counter()
+        for attempt in range(3):
+            try:
+                self._start(store, code, ready_timeout, attempt, dict(settings))
+                break
+            except RuntimeError as exc:
+                if attempt == 2 or not any(words in str(exc) for words in PORT_TAKEN):
+                    raise
+                self.log.rename(self.log.with_name(f"{self.log.stem}-port-taken-{attempt + 1}.log"))
+        self.startup_s = time.perf_counter() - t0
+        self.rss_after_warmup = self.rss()
+
+    def _start(self, store: Path, code: Path, ready_timeout: float, attempt: int, settings: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        settings.setdefault("IMGSERVE_GRPC_PORT", str(free_port()))
+        asked = settings.get("IMGSERVE_GRPC_PORT")
+        if asked != "0" and (asked is None or attempt):  # "0": gRPC off; a port asked for is kept at first
+            settings["IMGSERVE_GRPC_PORT"] = str(free_port())
         self.grpc_port = int(settings["IMGSERVE_GRPC_PORT"])
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
-        self.log = log
         env = service_env(**{"IMGSERVE_HOST": "127.0.0.1", "IMGSERVE_PORT": str(self.port),
                              "IMGSERVE_MODEL_STORE": str(store), **settings})
-        t0 = time.perf_counter()
-        with open(log, "wb") as fh:
+        with open(self.log, "wb") as fh:
             own = code / ".venv" / "bin" / "python"  # a checkout with its own venv runs with it (its own pins)
             python = str(own) if code != REPO and own.exists() else sys.executable
             self.proc = subprocess.Popen([python, "-m", "service"], cwd=code, env=env, stdout=fh,
                                          stderr=subprocess.STDOUT)
         self._wait_ready(ready_timeout)
-        self.startup_s = time.perf_counter() - t0
-        self.rss_after_warmup = self.rss()
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -217,3 +217,22 @@ def test_the_readme_grpc_examples_run_as_written(server: LiveServer, trained: Tr
                 assert printed.count(":") == 6  # three "score:index:label" strings
     finally:
         assert open_server.stop() == 0
+
+
+def test_a_taken_grpc_port_stops_the_server_with_the_reason(trained: Trained, tmp_path: Path) -> None:
+    """A port in use is an error that names it (alone, gRPC does not share its port); the test harness then
+    starts the server again on other ports, as it does when a port found free is taken before the bind."""
+    import socket
+
+    shutil.copytree(trained.store, tmp_path / "store")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_server(tmp_path / "store", tmp_path, IMGSERVE_GRPC_PORT=str(port))
+        try:
+            assert server.grpc_port != port and grpc_health(server.grpc_target) == "SERVING"
+        finally:
+            assert server.stop() == 0
+    (refused,) = tmp_path.glob("server-*-port-taken-1.log")  # the first attempt's log
+    assert "Failed to bind" in refused.read_text() and str(port) in refused.read_text()
