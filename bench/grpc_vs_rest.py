@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import REPO, SHARED, service_env
+from bench.harness import REPO, SHARED, cpu_model, service_env
 from bench.runs import WARMUP_S, Server, ensure_model, wrk
 
 STORE = REPO / "bench" / ".store"
@@ -67,18 +66,11 @@ def main() -> int:
                           f"errors {res.get('errors', 0)}", flush=True)
         finally:
             server.stop()
-    doc = {"machine": {"cpu": platform.processor() or _cpu(), "cores": os.cpu_count()}, "rows": rows,
+    doc = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "rows": rows,
            "command": " ".join(["python -m bench.grpc_vs_rest", *sys.argv[1:]])}
     (args.out / "results.json").write_text(json.dumps(doc, indent=1))
     print(f"wrote {args.out / 'results.json'}")
     return 0
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -27,6 +27,14 @@ def service_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+def cpu_model() -> str:
+    """The CPU's model name, for benchmark results."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

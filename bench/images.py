@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from bench.harness import REPO, SHARED, free_port
+from bench.harness import REPO, SHARED, cpu_model, free_port
 from bench.runs import WARMUP_S, wrk
 
 IMAGES = {"serve": "imgserve:serve", "full": "imgserve:latest"}
@@ -122,7 +122,8 @@ def main() -> int:
              "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
     photo = sorted((SHARED / "datasets" / "clothing-small" / "validation").rglob("*.jpg"))[0]
     doc: dict[str, Any] = {"command": " ".join(["python -m bench.images", *sys.argv[1:]]),
-                           "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+                           "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
+                                       "python": platform.python_version()},
                            "images": {}, "rounds": []}
     caches, warm = {}, {}
     try:
@@ -159,13 +160,6 @@ def main() -> int:
     out.write_text(json.dumps(doc, indent=1))
     print(f"median serve/full {doc['median_ratio']:.3f}; wrote {out}")
     return 0
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

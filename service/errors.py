@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class ServiceError(Exception):
     status_code = 500
@@ -52,3 +55,12 @@ class NotReady(ServiceError):
 
 class DeadlineExpired(ServiceError):
     status_code, code = 504, "deadline_exceeded"
+
+
+@contextlib.contextmanager
+def servable_not_found() -> Iterator[None]:
+    """TF Serving's wording for an unknown model or version (REST and gRPC alike)."""
+    try:
+        yield
+    except NotFound as exc:
+        raise NotFound(f"Servable not found for request: {exc.message}") from exc

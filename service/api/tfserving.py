@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -21,7 +19,7 @@ from service.api.deps import (
     parse_body,
 )
 from service.api.views import runtime_view, version_entries
-from service.errors import BadRequest, NotFound, UnsupportedMediaType
+from service.errors import BadRequest, NotFound, UnsupportedMediaType, servable_not_found
 from service.loading import ServedVersion
 from service.pipeline import Images, b64_image, infer, pixel_rows
 from service.registry import Registry
@@ -87,17 +85,8 @@ def _split_action(target: str) -> str:
     return base
 
 
-@contextlib.contextmanager
-def _servable_not_found() -> Iterator[None]:
-    """TF Serving's wording for an unknown model or version."""
-    try:
-        yield
-    except NotFound as exc:
-        raise NotFound(f"Servable not found for request: {exc.message}") from exc
-
-
 def _resolve(registry: Registry, name: str, version: int | None, label: str | None = None) -> ServedVersion:
-    with _servable_not_found():
+    with servable_not_found():
         if label is not None:
             return registry.route(name, version, label)[0]
         return registry.resolve(name, version)
@@ -138,7 +127,7 @@ async def _predict(request: Request, name: str, version: int | None, label: str 
         columnar = body.inputs is not None
         return _images(body.items(), served)
 
-    with _servable_not_found():
+    with servable_not_found():
         outcome = await infer(http_call(request), name, version, parse, label)
     key = "outputs" if columnar else "predictions"
     return ORJSONResponse({key: outcome.probabilities}, headers=outcome.headers())

@@ -9,14 +9,12 @@ feature holds an encoded image, and answers every class with its score, best fir
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from service.api.views import version_entries
-from service.errors import BadRequest, NotFound
+from service.errors import BadRequest, NotFound, servable_not_found
 from service.loading import ServedVersion
 from service.pipeline import Images, infer
 from service.rpc import protos
@@ -33,15 +31,6 @@ def _m(name: str) -> Any:
     return protos.message(name)
 
 
-@contextlib.contextmanager
-def _servable_not_found() -> Iterator[None]:
-    """TF Serving's wording for an unknown model or version."""
-    try:
-        yield
-    except NotFound as exc:
-        raise NotFound(f"Servable not found for request: {exc.message}") from exc
-
-
 def _spec(spec: Any) -> tuple[str, int | None, str | None]:
     if not spec.name:
         raise BadRequest("model_spec.name is required")
@@ -56,7 +45,7 @@ def _spec(spec: Any) -> tuple[str, int | None, str | None]:
 def _resolve(rpc: Rpc, spec: Any) -> ServedVersion:
     name, version, label = _spec(spec)
     registry = rpc.registry()
-    with _servable_not_found():
+    with servable_not_found():
         return registry.route(name, version, label)[0] if label else registry.resolve(name, version)
 
 
@@ -98,7 +87,7 @@ async def predict(req: Any, rpc: Rpc) -> Any:
     async def parse(served: ServedVersion) -> Images:
         return tensor_images(req.inputs["images"], served)
 
-    with _servable_not_found():
+    with servable_not_found():
         outcome = await infer(rpc.call(), name, version, parse, label)
     rpc.answered_by(outcome)
     resp = _m("tensorflow.serving.PredictResponse")(model_spec=_answer_spec(outcome.served))
@@ -127,7 +116,7 @@ async def classify(req: Any, rpc: Rpc) -> Any:
     async def parse(served: ServedVersion) -> Images:
         return Images(blobs=blobs)
 
-    with _servable_not_found():
+    with servable_not_found():
         outcome = await infer(rpc.call(), name, version, parse, label)
     rpc.answered_by(outcome)
     labels, cls = outcome.served.meta.labels, _m("tensorflow.serving.Class")
