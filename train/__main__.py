@@ -1,8 +1,9 @@
-"""Command line: `python -m train --data DIR ...` and `python -m train demo`."""
+"""Command line: `python -m train --data DIR ...`, `python -m train demo`, `... optimize` and `... publish`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -64,13 +65,39 @@ def _demo(argv: list[str]) -> int:
 
 def _has_demo(location: Path | str) -> bool:
     """A complete version of the demo model is in the store (a folder, or object storage)."""
-    from service import remote, store
+    from train.publish import complete_versions
 
-    if isinstance(location, str):
-        with remote.staged_mirror(location, **remote.env_options()) as mirror:
-            return any(v and store.METADATA_FILE in files for v, files in mirror.listing.get(DEMO_NAME, {}).items())
-    return any((location / DEMO_NAME / str(v) / store.METADATA_FILE).exists()
-               for v in store.list_versions(location, DEMO_NAME))
+    return bool(complete_versions(location, DEMO_NAME))
+
+
+def _publish(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m train publish",
+                                description="Copy a published version into a store (a folder, or object storage) "
+                                "as the next version of a model: to seed a bucket, or to move a model from a "
+                                "staging store to production. model.json is written last. Needs no TensorFlow.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("source", type=Path,
+                   help="a version folder (<store>/<model>/<version>), or a model folder: its newest version")
+    p.add_argument("--store", type=store_location, required=True, help="a folder, or s3://bucket/prefix")
+    p.add_argument("--name", help="the model's name there (default: the source's)")
+    p.add_argument("--if-missing", action="store_true",
+                   help="do nothing when the model already has a complete version there")
+    args = p.parse_args(argv)
+    from service.remote import RemoteError
+    from service.store import StoreError
+    from train.publish import complete_versions, copy_version, resolve_source
+
+    try:
+        source = resolve_source(args.source)
+        name = args.name or json.loads((source / "model.json").read_text())["name"]
+        if args.if_missing and complete_versions(args.store, name):
+            print(f"{name} already in {args.store}; nothing to do")
+            return 0
+        print(f"published {copy_version(source, args.store, name)}")
+    except (ValueError, OSError, KeyError, StoreError, RemoteError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _optimize(argv: list[str]) -> int:
@@ -107,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(argv[1:])
     if argv[:1] == ["optimize"]:
         return _optimize(argv[1:])
+    if argv[:1] == ["publish"]:
+        return _publish(argv[1:])
     args = _parser().parse_args(argv)
     # SIGTERM unwinds like Ctrl-C at the run's next safe point, so the feature cache and an unfinished
     # version are removed
