@@ -27,15 +27,25 @@ def train_version(store: Path, clothing: Path, **kw: object) -> dict[str, object
     return json.loads((result.version_dir / "model.json").read_text())  # type: ignore[no-any-return]
 
 
+@pytest.fixture(scope="module")
+def first_version(tmp_path_factory: pytest.TempPathFactory, clothing: Path) -> Path:
+    """A store holding version 1 of "shirts", trained once; each test copies it."""
+    store = tmp_path_factory.mktemp("gate") / "store"
+    good = train_version(store, clothing)
+    assert "comparison" not in good  # the first version has nothing to be compared with
+    return store
+
+
 def model_versions(server: LiveServer, name: str) -> dict[int, dict[str, object]]:
     models = httpx.get(server.url + "/v1/models", timeout=10).json()["models"]
     return {v["version"]: v for m in models if m["name"] == name for v in m["versions"]}
 
 
-def test_the_gate_holds_a_worse_version_and_promotes_a_better_one(tmp_path: Path, clothing: Path) -> None:
+def test_the_gate_holds_a_worse_version_and_promotes_a_better_one(tmp_path: Path, clothing: Path,
+                                                                  first_version: Path) -> None:
     store = tmp_path / "store"
-    good = train_version(store, clothing)
-    assert "comparison" not in good  # the first version has nothing to be compared with
+    shutil.copytree(first_version, store)
+    good = json.loads((store / "shirts" / "1" / "model.json").read_text())
     server = start_server(store, tmp_path)
     try:
         # a version trained for too few steps (a learning rate that cannot move the weights)
@@ -75,12 +85,12 @@ def watch_once(store: Path, server: LiveServer, *extra: str) -> dict[str, object
     return json.loads(lines[-1]) if lines else None
 
 
-def test_progressive_rolls_back_a_version_that_disagrees_and_promotes_one_that_agrees(tmp_path: Path,
-                                                                                    clothing: Path) -> None:
+def test_progressive_rolls_back_a_version_that_disagrees_and_promotes_one_that_agrees(
+        tmp_path: Path, clothing: Path, first_version: Path) -> None:
     """The controller (`python -m service.rollout MODEL watch`) on a real server: a badly trained version goes
     to shadow and is rolled back on its agreement; a copy of the stable one goes shadow -> canary -> stable."""
     store = tmp_path / "store"
-    train_version(store, clothing)
+    shutil.copytree(first_version, store)
     subprocess.run([sys.executable, "-m", "service.rollout", "--store", str(store), "shirts", "mode", "progressive"],
                    cwd=REPO, check=True, capture_output=True, timeout=60)
     server = start_server(store, tmp_path, IMGSERVE_MAX_ACCURACY_DROP="100", IMGSERVE_INLINE_RUN_MAX_MS="0")

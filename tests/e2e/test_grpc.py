@@ -44,8 +44,9 @@ def triton_python() -> Path:
     if not (python.exists() and stamp.exists() and stamp.read_text() == CLIENT_REQUIREMENTS.read_text()):
         shutil.rmtree(CLIENT_VENV, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(CLIENT_VENV)], check=True, timeout=300)
-        r = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-r", str(CLIENT_REQUIREMENTS)],
-                           capture_output=True, text=True, timeout=1200)
+        uv = Path(sys.executable).parent / "uv"  # installed by `make install`, as the project's own lock is
+        r = subprocess.run([str(uv), "pip", "install", "--quiet", "--python", str(python), "-r",
+                            str(CLIENT_REQUIREMENTS)], capture_output=True, text=True, timeout=1200)
         assert r.returncode == 0, r.stderr[-3000:]
         shutil.copy(CLIENT_REQUIREMENTS, stamp)
     return python

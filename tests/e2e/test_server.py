@@ -133,6 +133,9 @@ def test_hot_swap_under_load_loses_nothing(live: LiveServer, trained: Trained, t
     assert versions[swapped_at + 8 :].count(trained.version) == 0
 
 
+# a broken file is refused by the load every process makes alike: two processes are tested by
+# test_faults.py's broken versions, which every process must refuse, retry or never serve
+@pytest.mark.server_processes("1")
 @pytest.mark.parametrize("breakage", ["truncated_pb", "missing_variables", "bad_json", "wrong_labels"])
 def test_broken_version_is_refused_old_keeps_serving(live: LiveServer, trained: Trained, breakage: str) -> None:
     store = live.log.parent / "store"

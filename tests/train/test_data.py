@@ -84,15 +84,31 @@ def test_stratified_split_fractions() -> None:
         (["--data", "flowers"], "offline"),
     ],
 )
-def test_cli_errors_are_clear(tmp_path: Path, args: list[str], message: str) -> None:
+def test_cli_errors_are_clear(tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process (`main`, as `python -m train` calls it; the next test runs one for real)."""
+    from train import stopping
+    from train.__main__ import main
+
+    monkeypatch.setattr(stopping, "install", lambda: None)  # the test process keeps its own signal handlers
     make_dataset(tmp_path / "flat", per_class=4, size=16)
     (tmp_path / "one" / "only").mkdir(parents=True)
     args = [a.format(flat=tmp_path / "flat", one=tmp_path / "one") for a in args]
-    r = subprocess.run([sys.executable, "-m", "train", *args, "--store", str(tmp_path / "store")], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0
-    assert message in r.stderr, r.stderr[-2000:]
+    try:
+        code = main([*args, "--store", str(tmp_path / "store")])
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code  # type: ignore[assignment]
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err[-2000:]
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("model.json"))
+
+
+def test_the_cli_exits_2_with_the_reason_on_stderr(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "train", "--data", str(tmp_path / "missing"), "--store",
+                        str(tmp_path / "store")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "store").exists()
 
 
 def test_help_explains_every_option() -> None:
