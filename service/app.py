@@ -22,10 +22,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from service import __version__, runtimes, workers
+from service.api import feedback as feedback_api
 from service.api import kserve, native, tfserving
 from service.api import rollout as rollout_api
 from service.api.deps import BODY_MODELS, ORJSONResponse, error_response
 from service.errors import ServiceError
+from service.feedback import RecentImages, RequestLog
 from service.loading import Loader
 from service.metrics import MULTIPROCESS, Metrics
 from service.middleware import ServiceMiddleware
@@ -87,6 +89,23 @@ async def _start_grpc(app: FastAPI, settings: Settings, *, reuse_port: bool) -> 
     return server
 
 
+def _answer_records(app: FastAPI, settings: Settings, slot: workers.WorkerSlot | None) -> None:
+    """The recent-images buffer and the request log, each when turned on (service/feedback.py)."""
+    app.state.recent = app.state.request_log = None
+    if settings.recent_images_mb > 0:
+        if settings.feedback_dir is None:
+            logger.warning("IMGSERVE_RECENT_IMAGES_MB without IMGSERVE_FEEDBACK_DIR: no recent images are kept")
+        else:
+            app.state.recent = RecentImages(settings.feedback_dir, int(settings.recent_images_mb * 2**20))
+            logger.info("keeping up to %g MB of recent images for feedback in %s", settings.recent_images_mb,
+                        app.state.recent.mine)
+    if settings.request_log:
+        app.state.request_log = RequestLog(settings.request_log, int(settings.request_log_max_mb * 2**20),
+                                           settings.request_log_images,
+                                           slot.index if slot is not None and slot.count > 1 else None)
+        logger.info("request log: %s", app.state.request_log.path or "standard output")
+
+
 def _lifespan(settings: Settings, metrics: Metrics, loader: Loader | None) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -99,6 +118,7 @@ def _lifespan(settings: Settings, metrics: Metrics, loader: Loader | None) -> An
         logger.info("batching defaults: %s", settings.batching)
         app.state.device = device
         app.state.decode_pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        _answer_records(app, settings, slot)
         registry = Registry(settings, metrics, loader or functools.partial(runtimes.load, settings=settings))
         app.state.registry = registry
         logger.info("model store: %s", settings.model_store.resolve())
@@ -118,6 +138,9 @@ def _lifespan(settings: Settings, metrics: Metrics, loader: Loader | None) -> An
                 await rpc.stop(settings.drain_timeout_s)
             await registry.stop(settings.drain_timeout_s)
             app.state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            for part in (app.state.recent, app.state.request_log):
+                if part is not None:
+                    part.close()
             poster.cancel()
             logger.info("stopped")
 
@@ -186,7 +209,7 @@ def create_app(settings: Settings | None = None, loader: Loader | None = None) -
     app.state.metrics = metrics
     app.state.draining = False
     _error_handlers(app, metrics)
-    for router in (native.router, tfserving.router, kserve.router, rollout_api.router):
+    for router in (native.router, tfserving.router, kserve.router, rollout_api.router, feedback_api.router):
         app.include_router(router)
     _with_body_schemas(app)
 

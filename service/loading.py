@@ -17,6 +17,7 @@ from service import store
 from service.batcher import Batcher
 from service.metadata import ModelMeta
 from service.metrics import Metrics
+from service.quality import Quality
 from service.runtimes import Runtime, warmup
 from service.settings import BatchingConfig
 
@@ -35,6 +36,7 @@ class ServedVersion:
     runtime: Runtime
     batcher: Batcher[np.ndarray, np.ndarray]
     batching: BatchingConfig
+    quality: Quality | None = None  # answer statistics and drift (service/quality.py), set by the registry
     inflight: int = 0
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 

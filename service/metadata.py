@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 METADATA_FORMAT: Literal[1] = 1
 
@@ -74,6 +74,30 @@ class Variant(BaseModel):
         return f"{self.runtime}-{self.precision}"
 
 
+# upper edges of the bins of the top probability (the answer's confidence) that drift is scored on
+CONFIDENCE_EDGES: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+class Reference(BaseModel):
+    """The version's answers on its own test split, written by `train`: the baseline its drift scores
+    compare the live answers with (service/quality.py)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    images: int = Field(ge=1, description="test images the shares were measured on")
+    class_mix: list[float] = Field(description="share of the test images predicted as each class, in label order")
+    confidence_edges: list[float] = Field(default_factory=lambda: list(CONFIDENCE_EDGES))
+    confidence: list[float] = Field(description="share of the test images whose top probability is in each bin")
+    low_confidence: dict[str, float] = Field(default_factory=dict,
+                                             description="share below each threshold, e.g. {'0.5': 0.08}")
+
+    @model_validator(mode="after")
+    def _bins(self) -> Reference:
+        if len(self.confidence) != len(self.confidence_edges):
+            raise ValueError("confidence needs one share per bin of confidence_edges")
+        return self
+
+
 class ModelMeta(BaseModel):
     """The parsed and validated content of `model.json`."""
 
@@ -94,6 +118,14 @@ class ModelMeta(BaseModel):
                                                                 "output": "probabilities"})
     batching: BatchingOverride | None = None
     variants: list[Variant] = Field(default_factory=list)
+    reference: Reference | None = None
+
+    @model_validator(mode="after")
+    def _reference_fits(self) -> ModelMeta:
+        if self.reference is not None and len(self.reference.class_mix) != len(self.labels):
+            raise ValueError(f"reference.class_mix has {len(self.reference.class_mix)} shares for "
+                             f"{len(self.labels)} labels")
+        return self
 
     @property
     def num_classes(self) -> int:

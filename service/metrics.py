@@ -17,6 +17,7 @@ MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 2.5, 3, 4, 5,
                 7.5, 10, 30, 60)
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -105,6 +106,20 @@ class Metrics:
                                         mv, registry=r, multiprocess_mode="livemax")
         self.runtime_info = Gauge("imgserve_model_runtime_info", "1 for the runtime and precision serving a version",
                                   [*mv, "runtime", "precision"], registry=r, multiprocess_mode="livemax")
+        # answer quality and drift (service/quality.py)
+        self.predicted_class = Counter("imgserve_predicted_class_total", "Answered images, by predicted class",
+                                       [*mv, "label"], registry=r)
+        self.top_probability = Histogram("imgserve_top_probability", "The top probability of each answered image",
+                                         mv, buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.low_confidence = Counter("imgserve_low_confidence_total",
+                                      "Answered images whose top probability is below IMGSERVE_LOW_CONFIDENCE", mv,
+                                      registry=r)
+        self.drift_score = Gauge("imgserve_drift_score",
+                                 "PSI of the last IMGSERVE_DRIFT_WINDOW answers against the version's test split, "
+                                 "by signal (class_mix, confidence); the highest of the server processes",
+                                 [*mv, "signal"], registry=r, multiprocess_mode="livemax")
+        self.feedback = Counter("imgserve_feedback_total", "Feedback received, by outcome", ["model", "outcome"],
+                                registry=r)
         self.ready = Gauge("imgserve_ready", "1 when the service is ready to answer (every server process)",
                            registry=r, multiprocess_mode="livemin")
         self.processes = Gauge("imgserve_server_processes", "Server processes answering on the port", registry=r,

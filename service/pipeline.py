@@ -83,6 +83,7 @@ class Call:
     protocol: str  # "http" or "grpc"
     route_key: str | None = None  # keeps one caller on one side of a canary split
     gone: Callable[[], Awaitable[None]] | None = None  # resolves if the caller leaves before its answer
+    request_id: str | None = None  # X-Request-ID: the request log, and feedback naming a recent prediction
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Outcome:
     served: ServedVersion
     names: list[str] = field(default_factory=list)
     role: str = "stable"
+    blobs: list[bytes] = field(default_factory=list)  # the encoded images, when the protocol sent them so
 
     def headers(self) -> dict[str, str]:
         rt = self.served.runtime
@@ -139,9 +141,30 @@ async def infer(call: Call, model: str | None, version: int | None, parse: Parse
         state.metrics.version_requests.labels(*labels, "server_error" if exc.status_code >= 500 else
                                               "client_error").inc()
         raise
+    seconds = time.perf_counter() - t0
     state.metrics.version_requests.labels(*labels, "ok").inc()
-    state.metrics.version_latency.labels(*labels).observe(time.perf_counter() - t0)
+    state.metrics.version_latency.labels(*labels).observe(seconds)
+    if served.quality is not None:
+        served.quality.observe(outcome.probabilities)
+    _record(call, outcome, seconds)
     return outcome
+
+
+def _record(call: Call, outcome: Outcome, seconds: float) -> None:
+    """The request log's line and the recent-images buffer, each when the operator turned it on."""
+    recent, log = getattr(call.serving, "recent", None), getattr(call.serving, "request_log", None)
+    if recent is None and log is None:
+        return
+    served = outcome.served
+    tops = top_k(outcome.probabilities, served.meta.labels, 3)
+    if recent is not None and call.request_id and outcome.blobs:
+        recent.put(call.request_id, served.name, served.version, [str(t[0]["label"]) for t in tops], outcome.blobs)
+    if log is not None:
+        log.write({"time": round(time.time(), 3), "request_id": call.request_id, "protocol": call.protocol,
+                   "model": served.name, "version": served.version, "role": outcome.role,
+                   "latency_ms": round(seconds * 1e3, 3), "images": len(tops),
+                   "top": [[{"label": e["label"], "score": round(e["score"], 6)} for e in t] for t in tops]},  # type: ignore[call-overload]
+                  outcome.blobs)
 
 
 async def _infer_on(call: Call, registry: Registry, served: ServedVersion, role: str, parse: Parser) -> Outcome:
@@ -158,7 +181,7 @@ async def _infer_on(call: Call, registry: Registry, served: ServedVersion, role:
             h, w = served.meta.input.height, served.meta.input.width
             rows = images.pixels or await decode_all(images.blobs, h, w, settings, state.decode_pool, state.metrics)
         outcome = await run_rows(call, served, rows)
-    outcome.names, outcome.role = images.names, role
+    outcome.names, outcome.role, outcome.blobs = images.names, role, images.blobs
     shadow = registry.shadow(served.name)
     if shadow is not None and shadow[0] is not served:
         stats = registry.shadow_stats.setdefault((served.name, shadow[0].version, served.version),

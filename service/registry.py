@@ -20,6 +20,7 @@ from service import rollout, store
 from service.errors import BadRequest, NotFound, NotReady
 from service.loading import Loader, ServedVersion, load_version
 from service.metrics import Metrics
+from service.quality import Quality
 from service.remote import Mirror, RemoteError
 from service.rollout import Candidate, Plan, RolloutError, RolloutState
 from service.settings import Settings
@@ -232,6 +233,8 @@ class Registry:
                 continue  # removed since the listing
             try:
                 new = await load_version(name, v, path, self.loader, s.batching, s.warmup_batch_sizes, self.metrics)
+                new.quality = Quality(self.metrics, name, v, new.meta.labels, new.meta.reference, s.drift_window,
+                                      s.low_confidence)
             except Exception as exc:
                 self._refuse(name, v, sig, f"{exc.__class__.__name__}: {exc}")
                 continue
@@ -300,6 +303,8 @@ class Registry:
         for gauge in (m.queue_depth, m.queue_capacity):
             m.forget(gauge, old.name, str(old.version))
         m.forget(m.runtime_info, old.name, str(old.version), old.runtime.runtime, old.runtime.precision)
+        for signal in ("class_mix", "confidence"):
+            m.forget(m.drift_score, old.name, str(old.version), signal)
         logger.info("retiring %s version %d once its %d requests are done", old.name, old.version, old.inflight)
 
     # -- routing -------------------------------------------------------------------------------------------

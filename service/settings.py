@@ -206,6 +206,23 @@ class Settings(BaseSettings):
     cors_origins: CommaList = Field(
         default_factory=list, description="comma-separated origins allowed by CORS (off when empty)"
     )
+    # answer quality, drift, feedback and the request log (docs/feedback.md)
+    low_confidence: float = Field(0.5, ge=0, le=1, description="answers whose top probability is below this count "
+                                  "as low-confidence (imgserve_low_confidence_total)")
+    drift_window: int = Field(500, ge=0, description="answers per process the drift score is computed over (0: off)")
+    feedback_dir: Path | None = Field(None, description="where POST /v1/feedback stores labelled photos, a folder "
+                                      "per model and class that `python -m train --extra-data` reads (off when unset)")
+    feedback_new_classes: bool = Field(False, description="feedback may name a label the model does not know")
+    feedback_api_key: SecretStr | None = Field(None, description="if set, this key may send feedback (besides the "
+                                               "API and admin keys) but not predict or load models")
+    recent_images_mb: float = Field(0.0, ge=0, description="keep the images of recent predictions, up to this many "
+                                    "MB per process, so feedback can name a request id instead of sending the image "
+                                    "again (0: keep none)")
+    request_log: str = Field("", description="one JSON line per answer: '-' for standard output, or a file, rotated "
+                             "(off when empty)")
+    request_log_max_mb: float = Field(100.0, gt=0, description="the request log's size bound: its file and four "
+                                      "rotated ones share it")
+    request_log_images: bool = Field(False, description="the request log carries each image (base64)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
     log_json: bool = Field(False, description="log one JSON object per line")
 

@@ -27,6 +27,9 @@ class TrainConfig:
                                          "when online", "required": True})
     store: Path = _opt(lambda: Path(os.environ.get("IMGSERVE_MODEL_STORE", "model_store")),
                        "model store folder the new version is published into")
+    extra_data: Path | None = _opt(None, "more labelled photos for the training split only, a folder per class of "
+                                   "the dataset: the feedback the service stored (IMGSERVE_FEEDBACK_DIR/<model>); "
+                                   "the validation and test splits stay as they were")
     name: str | None = _opt(None, "model name (default: from the dataset folder name)")
     backbone: str = _opt("vgg16", "vgg16/resnet50 fine-tune a pretrained backbone; cnn trains a plain CNN from "
                          "scratch", choices=BACKBONE_NAMES)

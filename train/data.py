@@ -56,9 +56,44 @@ class Dataset:
         h = hashlib.sha256()
         for split in (self.train, self.validation, self.test):
             for p in sorted(split.paths):
-                h.update(str(p.relative_to(self.root)).encode())
+                h.update(str(p.relative_to(self.root) if p.is_relative_to(self.root) else p).encode())
                 h.update(p.read_bytes())
         return h.hexdigest()
+
+
+@dataclass
+class Extra:
+    """Photos added to the training split from another folder (`--extra-data`: the service's feedback)."""
+
+    root: Path
+    split: Split
+    per_class: dict[str, int]
+    held_out: int  # photos left out because the same bytes are in the validation or test split
+
+
+def add_extra(ds: Dataset, folder: Path) -> Extra:
+    """Add `folder`'s photos (a sub-folder per class, each a class of `ds`) to the training split only. A photo
+    whose bytes are also in the validation or test split is left out: those splits stay comparable with the
+    earlier versions' and never see a photo trained on."""
+    if not folder.is_dir():
+        raise DatasetError(f"extra data folder {folder} does not exist")
+    per_class = {c: [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+                 for c, files in _class_files(folder).items()}
+    unknown = sorted(set(per_class) - set(ds.classes))
+    if unknown:
+        raise DatasetError(f"{folder} has classes the dataset has not: {unknown} (the dataset's: {ds.classes}); add "
+                           "photos of them to the dataset first")
+    held = {hashlib.sha256(p.read_bytes()).digest() for p in [*ds.validation.paths, *ds.test.paths]}
+    split, counts, left_out = Split([], []), {}, 0
+    for c, files in per_class.items():
+        keep = [f for f in files if hashlib.sha256(f.read_bytes()).digest() not in held]
+        left_out += len(files) - len(keep)
+        split.paths.extend(keep)
+        split.labels.extend([ds.classes.index(c)] * len(keep))
+        counts[c] = len(keep)
+    ds.train.paths.extend(split.paths)
+    ds.train.labels.extend(split.labels)
+    return Extra(folder, split, counts, left_out)
 
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:

@@ -23,10 +23,11 @@ import tensorflow as tf
 from service import remote, store
 from service.cpu import cpu_has_bf16
 from service.metadata import ModelMeta
+from service.quality import reference_from
 from train import data as dataset
 from train import report, stopping
 from train.cache import CachedArray, CachedBatches, FeatureCache
-from train.compare import compare_with_previous
+from train.compare import compare_with_previous, feedback_change
 from train.config import TrainConfig
 from train.model import (
     BACKBONES,
@@ -232,6 +233,7 @@ class Data:
     x_te: np.ndarray | None = None
     y_te: np.ndarray | None = None
     test_paths: list[Path] = field(default_factory=list)
+    extra: dataset.Extra | None = None  # --extra-data: photos added to the training split
 
     def chunks(self, split: str, chunk: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray, list[Path]]]:
         """(pixels, labels, paths) a chunk at a time: from the decoded arrays, or decoded on the fly.
@@ -275,7 +277,11 @@ def load_data(cfg: TrainConfig, decode: bool = True) -> Data:
         _limit(split, cfg.max_per_class, cfg.seed)
     if len(ds.validation) == 0 or len(ds.test) == 0:
         raise dataset.DatasetError("the dataset is too small: validation and test splits need images")
-    data = Data(ds.classes, ds, cfg.image_size, cfg.workers)
+    extra = dataset.add_extra(ds, cfg.extra_data) if cfg.extra_data is not None else None
+    if extra is not None:
+        logger.info("extra data %s: %d photos added to the training split %s; %d left out (also in the validation "
+                    "or test split)", extra.root, len(extra.split), extra.per_class, extra.held_out)
+    data = Data(ds.classes, ds, cfg.image_size, cfg.workers, extra=extra)
     if not decode:
         logger.info("classes %s; images train %d, validation %d, test %d (decoded as they are used)",
                     ds.classes, len(ds.train), len(ds.validation), len(ds.test))
@@ -559,8 +565,21 @@ def evaluate(serving: keras.Model, data: Data, cfg: TrainConfig) -> tuple[dict[s
     return metrics, p
 
 
+def score_extra(serving: keras.Model, data: Data, cfg: TrainConfig, name: str) -> dict[str, Any]:
+    """How the extra photos (feedback) are answered now and by the version before: the report's evidence that
+    the corrections were learnt."""
+    assert data.extra is not None
+    x, y, _ = dataset.load_split(data.extra.split, cfg.image_size, cfg.image_size, [], cfg.workers)
+    accuracy = float((np.asarray(serving.predict(x, batch_size=cfg.batch_size, verbose=0)).argmax(1) == y).mean())
+    out = feedback_change(cfg.store, name, data.classes, x, y, accuracy, data.extra.per_class)
+    out["left_out_in_held_out_splits"] = data.extra.held_out
+    logger.info("extra photos: accuracy %.3f now%s", accuracy, f", {out['baseline_accuracy']:.3f} with version "
+                f"{out['baseline_version']}" if "baseline_accuracy" in out else "")
+    return out
+
+
 def build_metadata(cfg: TrainConfig, name: str, data: Data, metrics: dict[str, Any], cache: bool,
-                   comparison: dict[str, Any] | None = None) -> ModelMeta:
+                   comparison: dict[str, Any] | None = None, probs: np.ndarray | None = None) -> ModelMeta:
     training = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "extra_metadata"}
     training.update(cache_features=cache, device=device_description(), tensorflow=tf.__version__)
     extra: dict[str, Any] = {**({"comparison": comparison} if comparison else {}), **cfg.extra_metadata}
@@ -571,8 +590,10 @@ def build_metadata(cfg: TrainConfig, name: str, data: Data, metrics: dict[str, A
         metrics={key: metrics[key] for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1",
                                                "test_images")},
         dataset={"source": str(cfg.data), "presplit": ds.presplit, "class_counts": ds.class_counts(),
-                 "skipped_files": len(ds.skipped), "content_sha256": ds.content_hash()},
-        training=training, **extra,
+                 "skipped_files": len(ds.skipped), "content_sha256": ds.content_hash(),
+                 **({"extra": {"source": str(data.extra.root), "per_class": data.extra.per_class}}
+                    if data.extra is not None else {})},
+        training=training, reference=reference_from(probs) if probs is not None else None, **extra,
     )
 
 
@@ -748,7 +769,9 @@ def _run(cfg: TrainConfig) -> TrainResult:
         fit.timings["compare"] = time.perf_counter() - t
         if comparison is not None:
             metrics["comparison"] = comparison
-        meta = build_metadata(cfg, name, data, metrics, cache, comparison)
+        if data.extra is not None and len(data.extra.split):
+            metrics["feedback"] = score_extra(serving, data, cfg, name)
+        meta = build_metadata(cfg, name, data, metrics, cache, comparison, probs)
         t = time.perf_counter()
         final = publish(cfg, meta, serving, data, metrics, probs, fit)
         fit.timings["export"] = time.perf_counter() - t

@@ -198,6 +198,15 @@ def write_report(folder: Path, summary: dict[str, Any]) -> None:
                       f"now ({change:+.2f} points). The service's gated rollout uses this comparison."]
     elif cmp:
         lines += ["", f"Not compared with the earlier version: {cmp['reason']}."]
+    fb = m.get("feedback")
+    if fb:
+        counts = ", ".join(f"{label} {n}" for label, n in fb["per_class"].items() if n)
+        then = (f"; version {fb['baseline_version']} answered {fb['baseline_accuracy']:.3f} of them "
+                f"({(fb['accuracy'] - fb['baseline_accuracy']) * 100:+.1f} points)" if "baseline_accuracy" in fb
+                else f"; {fb['reason']}" if "reason" in fb else "")
+        lines += ["", f"Extra photos (feedback) in the training split only: {fb['photos']} ({counts}); "
+                      f"{fb.get('left_out_in_held_out_splits', 0)} left out as they are in the validation or test "
+                      f"split. This model answers {fb['accuracy']:.3f} of them right{then}."]
     if "flip_tta_accuracy" in m:
         served = "served" if m.get("flip_tta_served") else "not served; `--flip-tta yes` serves it at twice the cost"
         lines += ["", f"With the mirror image averaged in (flip test-time augmentation, {served}): accuracy "

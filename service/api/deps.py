@@ -116,7 +116,7 @@ def http_call(request: Request) -> Call:
             pass
 
     return Call(state, deadline_for(request.headers.get(TIMEOUT_HEADER), state.settings), "http",
-                request.headers.get(ROUTE_KEY_HEADER), gone)
+                request.headers.get(ROUTE_KEY_HEADER), gone, request.scope.get("state", {}).get("request_id"))
 
 
 def not_ready_reason(request: Request) -> str | None:

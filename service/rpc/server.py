@@ -60,7 +60,8 @@ class Rpc:
                 raise DeadlineExpired("the call's deadline passed before it could be queued")
             deadline = min(deadline if TIMEOUT_HEADER in self.metadata else math.inf,
                            time.monotonic() + min(remaining, settings.max_request_timeout_ms / 1000))
-        return Call(self.serving, deadline, "grpc", self.metadata.get(ROUTE_KEY_HEADER))
+        return Call(self.serving, deadline, "grpc", self.metadata.get(ROUTE_KEY_HEADER),
+                    request_id=self.metadata.get("x-request-id"))
 
     def registry(self) -> Registry:
         registry: Registry | None = getattr(self.serving, "registry", None)

@@ -135,11 +135,14 @@ CASES: list[tuple[str, str, dict[str, Any], int]] = [
 
 
 @pytest.fixture(scope="module")
-def server(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def server(trained: Trained, tmp_path_factory: pytest.TempPathFactory, server_processes: int) -> Iterator[LiveServer]:
+    """One per process count (a module fixture that did not name `server_processes` served both counts' tests
+    from the first server started)."""
     tmp = tmp_path_factory.mktemp("badinput")
     shutil.copytree(trained.store, tmp / "store")
     s = start_server(tmp / "store", tmp, IMGSERVE_MAX_IMAGES_PER_REQUEST="4", IMGSERVE_MAX_UPLOAD_BYTES="2000000",
                      IMGSERVE_BODY_TIMEOUT_S="2", IMGSERVE_MAX_FORM_FIELDS="100")
+    assert len(s.workers()) == server_processes
     yield s
     s.stop(signal.SIGKILL)
 
