@@ -142,3 +142,16 @@ async def feedback(request: Request) -> Response:
     return ORJSONResponse({"model": served.name, "label": label, "stored": str(saved.path.relative_to(
         settings.feedback_dir)), "sha256": saved.sha256, "created": saved.created},
         status_code=201 if saved.created else 200)
+
+
+@router.get("/v1/feedback", summary="Whether feedback is on, and the photos stored so far per model and class")
+async def feedback_status(request: Request) -> dict[str, Any]:
+    settings = request.app.state.settings
+    if settings.feedback_dir is None:
+        return {"enabled": False}
+    store = FeedbackStore(settings.feedback_dir)
+    root = settings.feedback_dir
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    counts = await asyncio.to_thread(lambda: {n: store.counts(n) for n in names})
+    return {"enabled": True, "new_classes": settings.feedback_new_classes,
+            "by_request_id": getattr(request.app.state, "recent", None) is not None, "stored": counts}

@@ -2,6 +2,7 @@
 // The upload page: pick a model, send images to /predict one request per image, show the top classes.
 const $ = (sel) => document.querySelector(sel);
 let models = [];
+let feedbackOn = false;  // the server stores corrections (IMGSERVE_FEEDBACK_DIR)
 
 const MESSAGES = {
   413: "This image is too large for the server.",
@@ -100,6 +101,42 @@ async function classify(file) {
     li.setAttribute("aria-label", `${t.label}: ${pct} percent`);
     list.append(li);
   }
+  if (feedbackOn) offerCorrection(node, file, body);
+}
+
+// Next to each answer: the right class, sent to /v1/feedback with the photo, stored for the next training run.
+function offerCorrection(node, file, body) {
+  const form = node.querySelector(".feedback");
+  const m = models.find((x) => x.name === body.model);
+  const sel = form.querySelector("select");
+  for (const label of (m && m.labels) || []) sel.add(new Option(label, label));
+  sel.value = body.predictions[0].top[0].label;
+  form.hidden = false;
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    const data = new FormData();
+    data.append("file", file, file.name || "pasted.png");
+    data.append("label", sel.value);
+    data.append("model", body.model);
+    const sent = form.querySelector(".sent");
+    sent.textContent = "sending…";
+    try {
+      const r = await fetch("/v1/feedback", { method: "POST", body: data });
+      const answer = await r.json().catch(() => null);
+      sent.textContent = r.ok ? `Saved as ${answer.label}: the next training run learns from it.`
+        : `Not saved: ${(answer && answer.error) || `the server answered ${r.status}`}`;
+    } catch (err) {
+      sent.textContent = "Not saved: the server could not be reached.";
+    }
+  });
+}
+
+async function loadFeedbackStatus() {
+  try {
+    feedbackOn = (await (await fetch("/v1/feedback")).json()).enabled === true;
+  } catch (e) {
+    feedbackOn = false;
+  }
 }
 
 function handle(files) {
@@ -120,3 +157,4 @@ document.addEventListener("paste", (e) => {
   handle(files);
 });
 loadModels();
+loadFeedbackStatus();

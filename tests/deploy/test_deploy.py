@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -109,11 +110,13 @@ async def exposed_metric_names(tmp_path: Path) -> set[str]:
     """Every metric family the service exposes once it has answered requests with a shadow version beside
     the stable one, and read a rollout file it could not use."""
     from service import rollout
+    from service.quality import reference_from
 
-    write_fake_version(tmp_path, "fake", 1, ["a", "b"])
+    reference = reference_from(np.array([[0.9, 0.1], [0.3, 0.7]])).model_dump()  # the drift score's baseline
+    write_fake_version(tmp_path, "fake", 1, ["a", "b"], reference=reference)
     write_fake_version(tmp_path, "fake", 2, ["a", "b"])
     rollout.write(tmp_path, "fake", rollout.RolloutState(stable=1, shadow=2, shadow_percent=100, seen=2))
-    async with app_client(tmp_path) as c:
+    async with app_client(tmp_path, drift_window=1) as c:  # a score after one answer
         await eventually_async(lambda: c.get("/v1/models"), lambda r: r.json()["models"][0]["rollout"]["shadow"] == 2)
         await c.post("/predict", content=jpeg(10), headers={"Content-Type": "image/jpeg"})
         await c.post("/predict", content=b"x", headers={"Content-Type": "image/jpeg"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from service.client import AsyncClient, Client, PredictionError
-from tests.support import REPO, LiveServer, Trained, clothing_images
+from tests.support import REPO, LiveServer, Trained, clothing_images, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -60,6 +61,7 @@ def test_upload_page_classifies_and_reports_errors(browser, live: LiveServer, tr
         assert 0 < width <= 100
     error = page.locator(".card.failed .error").inner_text()
     assert "not an image" in error
+    assert ok_cards.first.locator(".feedback").is_hidden()  # this server stores no feedback: no correction offered
     page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
     assert (tmp_path / "upload.png").stat().st_size > 1000
     # keyboard only: Tab reaches the drop zone, and Enter on it opens the file chooser, whose image is classified
@@ -76,6 +78,37 @@ def test_upload_page_classifies_and_reports_errors(browser, live: LiveServer, tr
     chooser.value.set_files(str(images[1]))
     page.wait_for_function("document.querySelectorAll('.card:not(.failed) .bars .bar').length >= 15", timeout=30000)
     assert page.locator(".card").count() == 4
+
+
+def test_a_correction_sent_from_the_upload_page_is_stored_for_training(browser, trained: Trained,  # type: ignore[no-untyped-def]
+                                                                         tmp_path: Path) -> None:
+    shutil.copytree(trained.store, tmp_path / "store")
+    server = start_server(tmp_path / "store", tmp_path, IMGSERVE_FEEDBACK_DIR=str(tmp_path / "feedback"))
+    try:
+        page = browser.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("document.querySelector('#model').options.length > 0")
+        image = clothing_images(3)[2]
+        page.set_input_files("#files", [str(image)])
+        form = page.locator(".card .feedback")
+        form.wait_for(state="visible", timeout=30000)
+        predicted = page.locator(".card .bar .label").first.inner_text()
+        assert form.locator("select").input_value() == predicted  # the answer, until the user picks another
+        right = next(label for label in trained.labels if label != predicted)
+        form.locator("select").select_option(right)
+        form.locator("select").focus()
+        page.keyboard.press("Tab")  # keyboard only: the button is next, Enter sends
+        page.keyboard.press("Enter")
+        page.wait_for_function("document.querySelector('.card .sent').textContent.startsWith('Saved')",
+                               timeout=30000)
+        assert f"Saved as {right}" in form.locator(".sent").inner_text()
+        stored = list((tmp_path / "feedback" / trained.name / right).iterdir())
+        assert [p.read_bytes() for p in stored] == [image.read_bytes()]
+        form.locator("button").click()  # sent again: the same photo is stored once
+        page.wait_for_function("document.querySelector('.card .sent').textContent.startsWith('Saved')")
+        assert len(list((tmp_path / "feedback" / trained.name / right).iterdir())) == 1
+    finally:
+        server.stop(signal.SIGKILL)
 
 
 def test_swagger_ui_renders_offline(browser, live: LiveServer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
