@@ -171,6 +171,7 @@ def test_answer_metrics_count_every_image(server: LiveServer, trained: Trained) 
     assert all(metric_sum(text, "imgserve_predicted_class_total", model=trained.name, label=c) >= 1 for c in counted)
 
 
+@pytest.mark.server_processes("1")  # a training run: the server's process count changes nothing in it
 def test_train_reads_the_feedback_folder_into_the_training_split_only(server: LiveServer, trained: Trained,
                                                                       clothing: Path, tmp_path: Path) -> None:
     """Feedback sent here, then `train --extra-data FEEDBACK/<model>`: the report counts it per class, scores it
