@@ -30,31 +30,38 @@ ENTRYPOINT ["imgserve-entrypoint"]
 
 
 FROM base AS serve
-# Dependencies first: this layer is rebuilt only when pyproject.toml changes.
-COPY pyproject.toml README.md ./
+# Dependencies first, at the versions in requirements.lock, installed by uv (its version from the lock too):
+# this layer is rebuilt only when pyproject.toml or the lock changes (an empty README stands in for the real one).
+# --break-system-packages: the image's own Python is the environment (harmless where none is marked managed);
+# --system-certs: the platform's certificate store, as pip uses it (a TLS-intercepting proxy's CA included).
+COPY pyproject.toml requirements.lock ./
 # hadolint ignore=DL3013
-RUN mkdir -p service \
-    && touch service/__init__.py \
-    && pip install . \
-    && pip uninstall -y imgserve \
-    && rm -rf service build ./*.egg-info
+RUN pip install "$(grep '^uv==' requirements.lock)" \
+    && mkdir -p service \
+    && touch service/__init__.py README.md \
+    && uv pip install --system --break-system-packages --system-certs --no-cache -c requirements.lock . \
+    && uv pip uninstall --system --break-system-packages imgserve \
+    && rm -rf service build ./*.egg-info README.md
+COPY README.md ./
 COPY service ./service
-RUN pip install --no-deps .
+RUN uv pip install --system --break-system-packages --system-certs --no-cache --no-deps .
 USER 10001
 CMD ["python", "-m", "service"]
 
 
 FROM base AS full
 ARG EXTRAS=train,hed
-COPY pyproject.toml README.md ./
+COPY pyproject.toml requirements.lock ./
 # hadolint ignore=DL3013
-RUN mkdir -p service train \
-    && touch service/__init__.py train/__init__.py \
-    && pip install ".[${EXTRAS}]" \
-    && pip uninstall -y imgserve \
-    && rm -rf service train build ./*.egg-info
+RUN pip install "$(grep '^uv==' requirements.lock)" \
+    && mkdir -p service train \
+    && touch service/__init__.py train/__init__.py README.md \
+    && uv pip install --system --break-system-packages --system-certs --no-cache -c requirements.lock ".[${EXTRAS}]" \
+    && uv pip uninstall --system --break-system-packages imgserve \
+    && rm -rf service train build ./*.egg-info README.md
+COPY README.md ./
 COPY service ./service
 COPY train ./train
-RUN pip install --no-deps .
+RUN uv pip install --system --break-system-packages --system-certs --no-cache --no-deps .
 USER 10001
 CMD ["python", "-m", "service"]

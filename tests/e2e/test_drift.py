@@ -5,6 +5,7 @@ version of its own (a copy of the trained one), so each starts from an empty win
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from tests.support import LiveServer, clone_version, served_everywhere, start_se
 from train.pipeline import TrainConfig, run
 
 pytestmark = pytest.mark.slow
-PER_REQUEST = 20
+PER_REQUEST = 25
 
 
 class Model:
@@ -35,6 +36,8 @@ def model(tmp_path_factory: pytest.TempPathFactory, clothing: Path) -> Model:
     result = run(TrainConfig(data=clothing, store=store, name="clothing", backbone="cnn", weights="none",
                              image_size=48, max_per_class=40, head_epochs=8, batch_size=32, workers=2,
                              variants=False, time_budget_min=0))
+    mix = json.loads((result.version_dir / "model.json").read_text())["reference"]["class_mix"]
+    assert max(mix) < 0.5, f"a model that answers one class for most photos shows no drift: {mix}"
     return Model(store, list(result.test_paths))
 
 

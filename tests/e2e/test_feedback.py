@@ -134,6 +134,28 @@ def test_bad_feedback_gets_its_status_and_stores_nothing(server: LiveServer, tra
     assert httpx.get(server.url + "/health/live").status_code == 200
 
 
+def test_a_feedback_folder_that_cannot_be_written_gets_503_and_the_server_goes_on(server: LiveServer,
+                                                                                  trained: Trained) -> None:
+    """The model's folder is a file (as a full or read-only disk would, the write fails): 503 saying so, nothing
+    stored, predictions unaffected; once the folder is back, feedback is stored again."""
+    folder = feedback_dir(server) / trained.name
+    folder.mkdir(parents=True, exist_ok=True)
+    kept = folder.with_name(".kept")
+    folder.rename(kept)
+    folder.write_text("not a folder")
+    photo = clothing_images(21)[20].read_bytes()
+    try:
+        r = upload(server, photo, trained.labels[0])
+        assert r.status_code == 503 and "cannot be written" in r.json()["error"], r.text
+        assert folder.read_text() == "not a folder"
+        p = httpx.post(server.url + "/predict", headers={**AUTH, "Content-Type": "image/jpeg"}, content=photo)
+        assert p.status_code == 200
+    finally:
+        folder.unlink()
+        kept.rename(folder)
+    assert upload(server, photo, trained.labels[0]).status_code in (200, 201)
+
+
 def test_the_feedback_key_may_send_feedback_and_nothing_else(server: LiveServer, trained: Trained) -> None:
     photo = clothing_images(1)[0].read_bytes()
     r = httpx.post(server.url + "/predict", headers={**FB_AUTH, "Content-Type": "image/jpeg"}, content=photo)
