@@ -68,11 +68,15 @@ class FeedbackStore:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def find(self, model: str, sha: str) -> Path | None:
-        folder = self.root / model
-        if not folder.is_dir():
+    def find(self, model: str, sha: str, image_format: str | None = None) -> Path | None:
+        """Where this photo is stored, whatever its label: one look per class (the same bytes always have the
+        same format, so the same extension), not a listing of every stored photo."""
+        try:
+            classes = [e.path for e in os.scandir(self.root / model) if e.is_dir() and not e.name.startswith(".")]
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        return next((p for p in folder.glob(f"[!.]*/{sha[:32]}.*") if p.is_file()), None)
+        exts = [EXTENSIONS[image_format]] if image_format else list(EXTENSIONS.values())
+        return next((p for d in classes for x in exts if (p := Path(d) / f"{sha[:32]}.{x}").is_file()), None)
 
     def counts(self, model: str) -> dict[str, int]:
         folder = self.root / model
@@ -87,7 +91,7 @@ class FeedbackStore:
             folder = self.root / model
             folder.mkdir(parents=True, exist_ok=True)
             with self._lock(folder):
-                existing = self.find(model, sha)
+                existing = self.find(model, sha, image_format)
                 if existing is not None:
                     if existing.parent.name != label:
                         raise Conflict(f"this photo is already labelled {existing.parent.name!r} "
