@@ -101,6 +101,8 @@ class Quality:
         self.reference = reference if usable else None
         self.window = Window(window, len(labels)) if self.reference is not None and window > 0 else None
         self.threshold = low_confidence
+        # the scores are read at scrape time: computed every 50th of a window, not on every answer
+        self.every, self.pending = max(1, window // 50), 0
 
     def observe(self, probabilities: np.ndarray) -> None:
         predicted = probabilities.argmax(axis=1)
@@ -113,6 +115,10 @@ class Quality:
             self.low.inc(low)
         if self.window is not None and self.reference is not None:
             self.window.add(predicted, confidence_bins(top))
+            self.pending += len(predicted)
+            if self.pending < self.every:
+                return
+            self.pending = 0
             scores = self.window.scores(self.reference)
             if scores is not None:
                 for signal, value in scores.items():
