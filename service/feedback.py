@@ -25,6 +25,7 @@ import logging.handlers
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -151,19 +152,22 @@ class RecentImages:
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root = root / RECENT
         self.max_bytes = max_bytes
-        self.mine = self.root / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # <host>-<pid>-<random>: replicas on other hosts (or in other containers) may share the folder
+        self.host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+        self.mine = self.root / f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.sizes: OrderedDict[str, int] = OrderedDict()
         self.bytes = 0
         self._clean_dead()
         self.mine.mkdir(parents=True)
 
     def _clean_dead(self) -> None:
-        """Folders of server processes that are gone (a crash, a restart) hold nothing anyone can ask for."""
+        """Folders of this host's server processes that are gone (a crash, a restart) hold nothing anyone can
+        ask for; another host's folders are its own to clean."""
         if not self.root.is_dir():
             return
         for d in self.root.iterdir():
-            pid = d.name.split("-", 1)[0]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            host, pid, *_ = [*d.name.split("-"), "", ""]  # the host name has no '-' (see __init__)
+            if host == self.host and pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 shutil.rmtree(d, ignore_errors=True)
 
     @staticmethod

@@ -76,14 +76,18 @@ def test_recent_images_are_found_by_any_process_and_bounded_in_bytes(tmp_path: P
         two.get("req-5")
 
 
-def test_a_dead_processs_recent_images_are_removed(tmp_path: Path) -> None:
+def test_a_dead_processs_recent_images_are_removed_and_another_hosts_kept(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
-    dead = tmp_path / ".recent" / f"{proc.stdout.strip()}-abcd1234"
-    dead.mkdir(parents=True)
-    (dead / "x.json").write_text("{}")
+    pid = proc.stdout.strip()
+    here = RecentImages(tmp_path, 100).host
+    dead = tmp_path / ".recent" / f"{here}-{pid}-abcd1234"
+    elsewhere = tmp_path / ".recent" / f"other_host-{pid}-abcd1234"  # a replica on another host shares the folder
+    for d in (dead, elsewhere):
+        d.mkdir(parents=True)
+        (d / "x.json").write_text("{}")
     RecentImages(tmp_path, 100)
-    assert not dead.exists()
+    assert not dead.exists() and elsewhere.exists()
 
 
 def test_the_request_log_rotates_within_its_bound(tmp_path: Path) -> None:
