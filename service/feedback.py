@@ -9,7 +9,7 @@ a hidden name and renamed into place, under a per-model lock (several server pro
 nothing is ever half-written. `feedback.jsonl` beside the classes records who said what, and when.
 
 The recent-images buffer (`IMGSERVE_RECENT_IMAGES_MB`, off by default) keeps the images of the last
-predictions on disk under FEEDBACK_DIR/.recent, one folder per server process and bounded in bytes per
+predictions on disk under FEEDBACK_DIR/.recent, one folder per host and server process, bounded in bytes per
 process, so that any process can find a request's images by its id (X-Request-ID) when feedback names it.
 """
 
