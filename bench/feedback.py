@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from bench.harness import REPO, SHARED, ServerProcess, cpu_model
+from bench.harness import REPO, SHARED, ServerProcess, cpu_model, write_result
 
 PHOTOS = SHARED / "datasets" / "clothing-small" / "train"
 
@@ -112,9 +112,7 @@ def main() -> int:
                                  for m in ("per_s", "p50_ms", "p99_ms", "cpu_ms_per_request")}
     out = {"cpu": cpu_model(), "model": args.model, "photos": args.photos, "rounds": rows,
            "feedback_over_predict_median": summary}
-    results = REPO / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"{time.strftime('%Y%m%d-%H%M%S')}-feedback.json").write_text(json.dumps(out, indent=2))
+    write_result("feedback", out)
     print(json.dumps({"feedback_over_predict_median": summary}, indent=2))
     return 0
 

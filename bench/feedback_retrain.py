@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.harness import REPO, SHARED, ServerProcess, cpu_model
+from bench.harness import SHARED, ServerProcess, cpu_model, write_result
 
 DATA = SHARED / "datasets" / "clothing-small"
 
@@ -94,9 +94,7 @@ def main() -> int:
         }
         assert list(second.test_paths) == list(first.test_paths), "the test split changed"
     out["test_accuracy_change_points"] = (out["test_accuracy"]["v2"] - out["test_accuracy"]["v1"]) * 100
-    results = REPO / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    (results / f"{time.strftime('%Y%m%d-%H%M%S')}-feedback-retrain.json").write_text(json.dumps(out, indent=2))
+    write_result("feedback-retrain", out)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -171,3 +171,14 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(10)
+
+
+def write_result(kind: str, doc: dict[str, object]) -> Path:
+    """bench/results/<stamp>-<kind>.json, and the document printed."""
+    import json
+
+    results = REPO / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    path = results / f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}.json"
+    path.write_text(json.dumps(doc, indent=2))
+    return path
