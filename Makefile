@@ -27,10 +27,12 @@ serve:
 system-deps:
 	bash scripts/install-system-deps.sh
 
+# two pytest-xdist workers (a test file to each at a time: module fixtures start their server once)
+TEST_WORKERS ?= 2
 test: system-deps install
 	$(BIN)/ruff check service train tests bench fuzz scripts
 	$(BIN)/mypy service train
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint:
 	$(BIN)/ruff check service train tests bench fuzz scripts

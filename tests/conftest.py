@@ -34,13 +34,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(trylast=True)  # after `-m` and `-k` have deselected
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Compose tests run last, and their engine and image build starts now, in the background
-    (tests/deploy/engine.py): the minutes it takes overlap the rest of the suite."""
-    compose = [item for item in session.items if item.get_closest_marker("compose")]
-    if compose and len(compose) < len(session.items) and not session.config.option.collectonly:
+    """Where the compose tests go, and when their engine and image build starts (tests/deploy/engine.py).
+
+    In one process, they run last and the build starts now, in the background, so the minutes it takes
+    overlap the rest of the suite. Under pytest-xdist (`make test` runs two workers, a file to a worker),
+    every worker collects the same list and cannot know which will get the compose file; it goes first
+    instead, so that its worker builds while the other works through the rest. The slow files follow and
+    the quick ones come last, so that the two workers end close together.
+    """
+    items = session.items
+    compose = [item for item in items if item.get_closest_marker("compose")]
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items[:] = sorted(items, key=lambda item: (item not in compose, item.get_closest_marker("slow") is None))
+        return
+    if compose and len(compose) < len(items) and not session.config.option.collectonly:
         from tests.deploy.engine import BUILD
 
-        session.items[:] = [item for item in session.items if item not in compose] + compose
+        items[:] = [item for item in items if item not in compose] + compose
         BUILD.start()
 
 

@@ -3,7 +3,8 @@
 Starting the engine (on a fresh machine: installing it and making base images) and building the image
 take minutes, mostly waiting on the network and on disk. When the selection holds compose tests, the
 root conftest starts both in the background as soon as collection ends and runs those tests last, so
-the build overlaps the rest of the suite; the `stack` fixture then waits for it to finish.
+the build overlaps the rest of the suite (under pytest-xdist they run first on one worker, and the
+other worker's tests overlap it); the `stack` fixture then waits for it to finish.
 """
 
 from __future__ import annotations
