@@ -27,12 +27,13 @@ serve:
 system-deps:
 	bash scripts/install-system-deps.sh
 
-# two pytest-xdist workers (a test file to each at a time: module fixtures start their server once)
+# two pytest-xdist workers, a test file to each at a time (module fixtures start their server once), in
+# the order tests/conftest.py gives (compose first, then slow files)
 TEST_WORKERS ?= 2
 test: system-deps install
 	$(BIN)/ruff check service train tests bench fuzz scripts
 	$(BIN)/mypy service train
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint:
 	$(BIN)/ruff check service train tests bench fuzz scripts

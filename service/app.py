@@ -67,8 +67,9 @@ async def _post_state(app: FastAPI, board: Board | None, metrics: Metrics) -> No
         now = (ready, bool(app.state.draining), tuple(sorted(models.items())))
         if now != last or time.monotonic() - posted >= workers.HEARTBEAT_S:
             if board is not None:
+                why = registry.waiting_for() if registry is not None else "no model is loaded yet"
                 board.post(workers.WorkerState(board.slot.index, os.getpid(), ready, bool(app.state.draining),
-                                               "no model is loaded yet", models))
+                                               why, models))
             last, posted = now, time.monotonic()
             metrics.process_rss.set(workers.rss_bytes())
         await asyncio.sleep(0.05)

@@ -59,6 +59,7 @@ class Registry:
         self.loader = loader
         self.policy = VersionPolicy(settings.model_store, set(settings.models), dict(settings.pinned_versions))
         self.models: dict[str, ModelVersions] = {}
+        self.scanned = False  # a whole pass over the store's models has ended: each one loaded or refused
         self._states: dict[str, RolloutState | None] = {}  # the last good rollout state of each model
         self._poll_task: asyncio.Task[None] | None = None
         self._scan_lock = asyncio.Lock()
@@ -83,6 +84,8 @@ class Registry:
             return f"no model is loaded yet: {next(iter(self.fetch_errors.values()))}"
         if self.mirror is not None and self.mirror.last_sync is None:
             return f"no model is loaded yet: listing the model store {self.mirror.url}"
+        if self.served:
+            return f"loading the models in the store: {', '.join(sorted(self.served))} loaded so far"
         return "no model is loaded yet"
 
     # -- what is served ------------------------------------------------------------------------------------
@@ -94,7 +97,9 @@ class Registry:
 
     @property
     def ready(self) -> bool:
-        return bool(self.served)
+        """Something is served, and the first pass over the store has ended: a process with several models
+        is not ready while some of them are still loading (a client would be told they do not exist)."""
+        return self.scanned and bool(self.served)
 
     def versions(self) -> dict[str, int]:
         """Model name -> the stable version."""
@@ -124,6 +129,7 @@ class Registry:
                 self.metrics.store_syncs.labels("ok" if synced else "error").inc()
             for name in self.policy.models():
                 await self._update(name)
+            self.scanned = True
 
     def _state(self, name: str, versions: set[int]) -> tuple[RolloutState | None, str | None]:
         """The model's rollout state, or its last good one (and why) when the file cannot be used: missing

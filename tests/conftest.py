@@ -30,23 +30,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         needs = SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
         if needs and item.get_closest_marker("slow") is None:
             raise pytest.UsageError(f"{item.nodeid} uses {', '.join(sorted(needs))} but is not marked slow")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Under pytest-xdist (`make test`: two workers, a file to each at a time, in this order, as
+        # `--no-loadscope-reorder` keeps it) the workers cannot know which of them will get the compose
+        # file, so nobody builds its images ahead: it goes first instead, and its worker builds while the
+        # other works through the rest. The slow files follow and the quick ones come last, so that the
+        # two workers end close together. (Here, not at collection's end: xdist reads the order first.)
+        items.sort(key=lambda item: (item.get_closest_marker("compose") is None,
+                                     item.get_closest_marker("slow") is None))
 
 
 @pytest.hookimpl(trylast=True)  # after `-m` and `-k` have deselected
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Where the compose tests go, and when their engine and image build starts (tests/deploy/engine.py).
-
-    In one process, they run last and the build starts now, in the background, so the minutes it takes
-    overlap the rest of the suite. Under pytest-xdist (`make test` runs two workers, a file to a worker),
-    every worker collects the same list and cannot know which will get the compose file; it goes first
-    instead, so that its worker builds while the other works through the rest. The slow files follow and
-    the quick ones come last, so that the two workers end close together.
-    """
+    """In one process, the compose tests run last and their engine and image build (tests/deploy/engine.py)
+    starts now, in the background, so the minutes it takes overlap the rest of the suite."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # ordered in pytest_collection_modifyitems
     items = session.items
     compose = [item for item in items if item.get_closest_marker("compose")]
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        items[:] = sorted(items, key=lambda item: (item not in compose, item.get_closest_marker("slow") is None))
-        return
     if compose and len(compose) < len(items) and not session.config.option.collectonly:
         from tests.deploy.engine import BUILD
 

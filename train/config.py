@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BACKBONE_NAMES = ("vgg16", "resnet50", "cnn")
+from train.backbones import BACKBONE_NAMES
 
 
 def _opt(default: Any, help: str, **cli: Any) -> Any:

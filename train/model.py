@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 from keras import layers
+
+from train.backbones import BACKBONES
 
 logger = logging.getLogger(__name__)
 
@@ -45,22 +46,7 @@ class UnitScale(layers.Layer):
         return tf.cast(x, tf.float32) / 255.0
 
 
-@dataclass(frozen=True)
-class Backbone:
-    """One row of the backbone table: everything training needs to know about an architecture."""
-
-    application: Callable[..., keras.Model] | None  # keras.applications constructor; None: the plain CNN
-    normalise: type[layers.Layer]  # uint8 RGB -> what the network was trained on
-    unfreeze_from: str | None  # first layer of the block fine-tuned in phase 2
-    chain: bool  # a plain chain of layers: a CPU can cache the frozen prefix's outputs
-    hed_weights: bool = False  # --weights hed applies
-
-
-BACKBONES: dict[str, Backbone] = {
-    "vgg16": Backbone(keras.applications.VGG16, CaffePreprocess, "block5_conv1", chain=True, hed_weights=True),
-    "resnet50": Backbone(keras.applications.ResNet50, CaffePreprocess, "conv5_block1_1_conv", chain=False),
-    "cnn": Backbone(None, UnitScale, None, chain=True),
-}
+NORMALISE: dict[str, type[layers.Layer]] = {"caffe": CaffePreprocess, "unit": UnitScale}
 
 
 def augmentation(seed: int) -> keras.Sequential:
@@ -135,11 +121,12 @@ def build_backbone(
     if spec.application is None:
         if weights not in ("none", "imagenet"):
             raise ValueError("the plain CNN is trained from scratch: use --weights none")
-        return _plain_cnn(input_shape, batchnorm), spec.normalise(name="normalise")
+        return _plain_cnn(input_shape, batchnorm), NORMALISE[spec.normalise](name="normalise")
     if weights == "hed" and not spec.hed_weights:
         raise WeightsUnavailable("--weights hed provides VGG16 weights only; use --backbone vgg16")
     try:
-        base = spec.application(include_top=False, weights=_keras_weights(weights), input_shape=input_shape)
+        application = getattr(keras.applications, spec.application)
+        base = application(include_top=False, weights=_keras_weights(weights), input_shape=input_shape)
     except Exception as exc:  # Keras raises URL/HTTP/OS errors when the download fails
         if weights == "imagenet":
             raise WeightsUnavailable(
@@ -150,7 +137,7 @@ def build_backbone(
         raise
     if weights == "hed":
         hed_vgg16_weights(base)
-    return base, spec.normalise(name="normalise")
+    return base, NORMALISE[spec.normalise](name="normalise")
 
 
 def build_head(feature_shape: tuple[int, ...], num_classes: int, dropout: float) -> keras.Model:

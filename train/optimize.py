@@ -143,7 +143,7 @@ def optimize_published(store_dir: Path, name: str, version: int | None, data: Pa
 
     from service import store
     from train.config import TrainConfig
-    from train.pipeline import load_data
+    from train.splits import find_splits, load_data
 
     versions = store.list_versions(store_dir, name)
     if not versions:
@@ -153,8 +153,8 @@ def optimize_published(store_dir: Path, name: str, version: int | None, data: Pa
     source = data or Path(str(meta.dataset.get("source", "")))
     cfg = TrainConfig(data=source, image_size=meta.input.height, seed=int(meta.training.get("seed", 1337)),
                       max_per_class=meta.training.get("max_per_class"), workers=workers)
-    split = load_data(cfg)
-    if meta.dataset.get("content_sha256") not in (None, split.source.content_hash()):
+    split = load_data(cfg, find_splits(cfg)[0])
+    if meta.dataset.get("content_sha256") not in (None, split.content_hash):
         logger.warning("the dataset in %s differs from the one %s version %d was trained on: its test split "
                        "may differ too", source, name, meta.version)
     def write(tmp: Path) -> dict[str, Any]:

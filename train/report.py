@@ -175,14 +175,25 @@ def write_report(folder: Path, summary: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     doc = {k: v for k, v in summary.items() if k != "markdown"}
     (folder / "metrics.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")
+    lines = [*_accuracy_lines(summary), *_evidence_lines(summary["metrics"]), *_run_lines(summary),
+             "", f"Skipped files (could not be decoded): {len(summary['skipped_files'])}.", "",
+             "Phase wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["timings_s"].items()) + ".",
+             "", "![training curves](history.png)", "", "![confusion matrix](confusion_matrix.png)", "",
+             "![reliability diagram](reliability.png)", "", "![most confused pairs](confused_pairs.png)", "",
+             "![sample predictions](samples.png)", "", *summary.get("markdown", [])]
+    (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _accuracy_lines(summary: dict[str, Any]) -> list[str]:
     m = summary["metrics"]
+    sample = f" (a seeded sample of {m['test_sample_of']})" if m.get("test_sample_of") else ""
     lines = [
         f"# {summary['name']}: training report",
         "",
         f"Backbone `{summary['backbone']}`, weights `{summary['weights']}`, input "
         f"{summary['input']['height']}x{summary['input']['width']}, {len(summary['labels'])} classes.",
         "",
-        f"Test split: {m['test_images']} images. Accuracy **{m['accuracy']:.3f}**, macro precision "
+        f"Test split: {m['test_images']} images{sample}. Accuracy **{m['accuracy']:.3f}**, macro precision "
         f"{m['macro_precision']:.3f}, macro recall {m['macro_recall']:.3f}, macro F1 **{m['macro_f1']:.3f}**.",
         "",
         "| class | precision | recall | F1 | support |",
@@ -190,6 +201,12 @@ def write_report(folder: Path, summary: dict[str, Any]) -> None:
     ]
     for label, row in m["per_class"].items():
         lines.append(f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+    return lines
+
+
+def _evidence_lines(m: dict[str, Any]) -> list[str]:
+    """The comparison with the version before, the feedback photos, flip TTA and calibration."""
+    lines: list[str] = []
     cmp = m.get("comparison")
     if cmp and "baseline_accuracy" in cmp:
         change = (cmp["accuracy"] - cmp["baseline_accuracy"]) * 100
@@ -215,40 +232,32 @@ def write_report(folder: Path, summary: dict[str, Any]) -> None:
         cal = m["calibration"]
         lines += ["", f"Calibration: expected calibration error **{cal['ece']:.3f}** over 10 confidence bins "
                       f"(mean top-1 confidence {cal['mean_confidence']:.3f} against accuracy {cal['accuracy']:.3f})."]
+    return lines
+
+
+def _run_lines(summary: dict[str, Any]) -> list[str]:
+    """The confused pairs, the run's time, memory, device and epochs, the plan's cuts and the cache."""
+    lines: list[str] = []
     pairs = summary.get("confused_pairs") or []
     if pairs:
         lines += ["", "Most confused (true -> predicted): " + "; ".join(
             f"{p['true']} -> {p['predicted']} {p['count']}x ({100 * p['share_of_true']:.0f}% of {p['true']})"
             for p in pairs) + "."]
     run = summary.get("run") or {}
-    if run.get("minutes") is not None:
-        budget = run.get("time_budget_min") or 0
-        stopped = run.get("stopped_by_budget") or []
-        lines += ["", f"Run: {run['minutes']:.1f} minutes" + (f" (budget {budget:g}" + (
-            f"; it ended {', '.join(stopped)} early)" if stopped else ")") if budget else "") +
-            f", peak resident memory {run['peak_rss_bytes'] / 2**30:.2f} GiB, {run.get('device')}, "
-            f"{run.get('precision')}; epochs {run.get('epochs')}."]
-        cache = run.get("cache")
-        if cache:
-            lines += ["", f"Feature cache: {cache['rows']} rows of {cache['dtype']}, {cache['bytes'] / 2**20:.0f} "
-                          f"MiB in {cache['folder']} ({'reused, ' if cache.get('reused') else ''}"
-                          f"{'kept' if cache['kept'] else 'removed at the end'})."]
-    lines += [
-        "",
-        f"Skipped files (could not be decoded): {len(summary['skipped_files'])}.",
-        "",
-        "Phase wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in summary["timings_s"].items()) + ".",
-        "",
-        "![training curves](history.png)",
-        "",
-        "![confusion matrix](confusion_matrix.png)",
-        "",
-        "![reliability diagram](reliability.png)",
-        "",
-        "![most confused pairs](confused_pairs.png)",
-        "",
-        "![sample predictions](samples.png)",
-        "",
-        *summary.get("markdown", []),
-    ]
-    (folder / "report.md").write_text("\n".join(lines), encoding="utf-8")
+    if run.get("minutes") is None:
+        return lines
+    budget = run.get("time_budget_min") or 0
+    stopped = run.get("stopped_by_budget") or []
+    lines += ["", f"Run: {run['minutes']:.1f} minutes" + (f" (budget {budget:g}" + (
+        f"; it ended {', '.join(stopped)} early)" if stopped else ")") if budget else "") +
+        f", peak resident memory {run['peak_rss_bytes'] / 2**30:.2f} GiB, {run.get('device')}, "
+        f"{run.get('precision')}; epochs {run.get('epochs')}."]
+    notes = (run.get("plan") or {}).get("notes") or []
+    if notes:
+        lines += ["", "Planned up front to fit the budget: " + "; ".join(notes) + "."]
+    cache = run.get("cache")
+    if cache:
+        lines += ["", f"Feature cache: {cache['rows']} rows of {cache['dtype']}, {cache['bytes'] / 2**20:.0f} "
+                      f"MiB in {cache['folder']} ({'reused, ' if cache.get('reused') else ''}"
+                      f"{'kept' if cache['kept'] else 'removed at the end'})."]
+    return lines

@@ -1,9 +1,8 @@
 """The on-disk feature cache: same features as in memory, nothing half-written left behind, bounded
-batches for Keras; and the time budget on a tiny dataset."""
+batches for Keras. The time budget is in test_budget.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,8 +16,9 @@ import pytest
 
 from train import cache as fcache
 from train.config import TrainConfig
+from train.features import cache_split
 from train.model import ToFloat, augmentation, build_backbone, split_linear
-from train.pipeline import _cache_split, load_data, run
+from train.splits import find_splits, load_data
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,11 +116,11 @@ def test_disk_cache_gives_the_in_memory_features(tmp_path: Path, clothing: Path)
     prefix, _ = split_linear(base, "block5_conv1")
     images = keras.Input((32, 32, 3), dtype="uint8")
     fx = keras.Model(images, prefix(normalise(images)), name="features")
-    in_memory = load_data(cfg)
+    in_memory = load_data(cfg, find_splits(cfg)[0])
     expected = np.asarray(fx(in_memory.x_tr))
-    streamed = load_data(cfg, decode=False)
+    streamed = load_data(cfg, find_splits(cfg)[0], decode=False)
     with fcache.FeatureCache(tmp_path / "cache", "float16") as c:
-        arr, labels = _cache_split(c, "train", streamed, "train", [fx], cfg, len(streamed.source.train))
+        arr, labels = cache_split(c, "train", streamed, "train", [fx], cfg, len(streamed.source.train))
         got = arr.read(0, len(arr))
     assert got.shape == expected.shape
     np.testing.assert_array_equal(labels, in_memory.y_tr)
@@ -129,7 +129,7 @@ def test_disk_cache_gives_the_in_memory_features(tmp_path: Path, clothing: Path)
     # an augmenting model writes different rows (so the copies are not the originals again)
     aug = keras.Model(images, prefix(normalise(augmentation(1)(ToFloat()(images)))), name="f_1_augmented")
     with fcache.FeatureCache(tmp_path / "cache", "float16") as c:
-        both, labels2 = _cache_split(c, "train", streamed, "train", [fx, aug], cfg, len(streamed.source.train))
+        both, labels2 = cache_split(c, "train", streamed, "train", [fx, aug], cfg, len(streamed.source.train))
         assert len(both) == 2 * len(expected) and len(labels2) == len(both)
         assert not np.allclose(both.read(0, len(both))[5:10], got[:5], atol=1e-3 * scale)
 
@@ -192,20 +192,3 @@ def test_an_interrupted_run_leaves_no_cache_and_no_version(tmp_path: Path, cloth
     assert "stopped before the cache was complete" in text and "(0.0 MiB)" not in text
     assert list(cache_dir.iterdir()) == []  # no folder, no half-written array
     assert _store_is_empty(store), list(store.rglob("*"))  # no version, no hidden temporary folder
-
-
-@pytest.mark.slow
-def test_the_time_budget_is_honoured(tmp_path: Path, clothing: Path) -> None:
-    """A budget far below what the epochs asked for would take: the run plans fewer and ends in time."""
-    budget_min = 0.75
-    result = run(TrainConfig(data=clothing, store=tmp_path, name="vgg", backbone="vgg16", weights="none",
-                             image_size=32, max_per_class=30, head_epochs=2000, fine_tune_epochs=2000,
-                             patience=5000, batch_size=8, workers=2, variants=False, time_budget_min=budget_min))
-    rep = json.loads((result.version_dir / "report" / "metrics.json").read_text())
-    runinfo = rep["run"]
-    # what the planner decided (how long the run took on a loaded machine is not the planner's to bound)
-    assert 0 < runinfo["epochs"]["head"] < 2000 and runinfo["epochs"].get("fine_tune", 0) < 2000
-    assert runinfo["stopped_by_budget"], runinfo
-    assert runinfo["peak_rss_bytes"] > 0
-    md = (result.version_dir / "report" / "report.md").read_text()
-    assert f"(budget {budget_min:g}" in md and "peak resident memory" in md

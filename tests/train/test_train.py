@@ -190,13 +190,13 @@ def test_hed_weights_load_under_mixed_bfloat16() -> None:
 @pytest.mark.parametrize(("native", "want"), [(True, "bfloat16"), (False, "float32")])
 def test_auto_precision_takes_bfloat16_only_where_it_is_native(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                                 native: bool, want: str) -> None:
-    import train.pipeline as pipeline
+    import train.precision as precision
 
-    monkeypatch.setattr(pipeline, "native_bfloat16", lambda: native)
+    monkeypatch.setattr(precision, "native_bfloat16", lambda: native)
     cfg = TrainConfig(data=tmp_path, store=tmp_path)
     assert cfg.precision == "auto"  # the default
     try:
-        said = pipeline.set_precision(cfg)
+        said = precision.set_precision(cfg)
         assert cfg.precision == want and keras_policy() == ("mixed_bfloat16" if native else "float32")
         assert said == ("mixed_bfloat16" if native else "float32")
     finally:
@@ -214,7 +214,7 @@ def cpuinfo_flags() -> set[str]:
 
 @pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="a GPU decides instead")
 def test_native_bfloat16_is_the_cpus_bfloat16_instructions() -> None:
-    from train.pipeline import native_bfloat16
+    from train.precision import native_bfloat16
 
     flags = cpuinfo_flags()  # read here, not through service.cpu: the contract, not the code
     assert native_bfloat16() == bool({"avx512_bf16", "amx_bf16"} & flags)
@@ -223,11 +223,11 @@ def test_native_bfloat16_is_the_cpus_bfloat16_instructions() -> None:
 @pytest.mark.parametrize(("capability", "want"), [((7, 5), False), ((8, 0), True), ((9, 0), True), (None, False)])
 def test_on_a_gpu_its_compute_capability_decides(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int] | None,
                                                  want: bool) -> None:
-    import train.pipeline as pipeline
+    import train.precision as precision
 
-    monkeypatch.setattr(pipeline.tf.config, "list_physical_devices",
+    monkeypatch.setattr(precision.tf.config, "list_physical_devices",
                         lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
-    monkeypatch.setattr(pipeline.tf.config.experimental, "get_device_details",
+    monkeypatch.setattr(precision.tf.config.experimental, "get_device_details",
                         lambda dev: {} if capability is None else {"compute_capability": capability})
-    monkeypatch.setattr(pipeline, "cpu_has_bf16", lambda: not want)  # the CPU must not be what decides
-    assert pipeline.native_bfloat16() is want
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: not want)  # the CPU must not be what decides
+    assert precision.native_bfloat16() is want
