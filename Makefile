@@ -27,9 +27,10 @@ serve:
 system-deps:
 	bash scripts/install-system-deps.sh
 
-# two pytest-xdist workers, a test file to each at a time (module fixtures start their server once), in
-# the order tests/conftest.py gives (compose first, then slow files)
-TEST_WORKERS ?= 2
+# three pytest-xdist workers on two cores (the tests wait on servers and containers as much as they
+# compute), a test file to each at a time (module fixtures start their server once), in the order
+# tests/conftest.py gives (compose first, then slow files)
+TEST_WORKERS ?= 3
 test: system-deps install
 	$(BIN)/ruff check service train tests bench fuzz scripts
 	$(BIN)/mypy service train

@@ -31,11 +31,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if needs and item.get_closest_marker("slow") is None:
             raise pytest.UsageError(f"{item.nodeid} uses {', '.join(sorted(needs))} but is not marked slow")
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        # Under pytest-xdist (`make test`: two workers, a file to each at a time, in this order, as
+        # Under pytest-xdist (`make test`: three workers, a file to each at a time, in this order, as
         # `--no-loadscope-reorder` keeps it) the workers cannot know which of them will get the compose
         # file, so nobody builds its images ahead: it goes first instead, and its worker builds while the
-        # other works through the rest. The slow files follow and the quick ones come last, so that the
-        # two workers end close together. (Here, not at collection's end: xdist reads the order first.)
+        # others work through the rest. The slow files follow and the quick ones come last, so that the
+        # workers end close together. (Here, not at collection's end: xdist reads the order first.)
         items.sort(key=lambda item: (item.get_closest_marker("compose") is None,
                                      item.get_closest_marker("slow") is None))
 

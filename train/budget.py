@@ -1,11 +1,12 @@
 """What a run may spend: its time budget, the plan made up front to fit it, and the memory helpers.
 
 The plan is made before any image goes through the backbone, from the split sizes and the backbone's
-measured time an image (`measure_s_per_image`): when the whole run would not fit `--time-budget-min`,
-it cuts, in this order, the augmented copies, then the training images (a seeded sample per class), and,
-for what follows training, the test images the variants are scored on, then those the served model is
-evaluated on, and the int8 calibration images. It logs what it cut and why before the run starts.
-Then `BudgetStop` fits the epochs to the time that is really left, measured epoch by epoch.
+measured time an image (`measure_s_per_image`). When the whole run would not fit `--time-budget-min`,
+it cuts, for the features, the validation images to a share of their time, then the augmented copies,
+then the training images (a seeded sample per class); and for what follows training, the test images
+the variants are scored on, then those the served model is evaluated on, then the int8 calibration
+images. It logs what it cut and why before the run starts. Then `BudgetStop` fits the epochs to the
+time that is really left, measured epoch by epoch.
 """
 
 from __future__ import annotations

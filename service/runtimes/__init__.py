@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -233,6 +234,12 @@ def warmup(runtime: Runtime, batch_sizes: list[int] | tuple[int, ...], in_flight
         if n < largest or in_flight == 1:
             run(batch(n))
     if in_flight > 1 and largest:  # the largest size runs `in_flight` times at once instead of once
+        together = threading.Barrier(in_flight)  # at once for sure: a thread done early would take the next
+
+        def run_together(images: np.ndarray) -> None:
+            together.wait(timeout=600)
+            run(images)
+
         with ThreadPoolExecutor(in_flight) as pool:
-            list(pool.map(run, [batch(largest) for _ in range(in_flight)]))
+            list(pool.map(run_together, [batch(largest) for _ in range(in_flight)]))
     return time.perf_counter() - start
