@@ -17,7 +17,6 @@ import tensorflow as tf
 from service import store
 from service.metadata import ModelMeta
 from service.quality import reference_from
-from train import data as dataset
 from train import report, stopping
 from train.budget import Budget, Plan, peak_rss_bytes, release_memory
 from train.config import TrainConfig
@@ -89,11 +88,8 @@ def variants_for(version_dir: Path, meta: ModelMeta, out: Outcome) -> tuple[dict
 
 
 def _test_images(out: Outcome, rows: np.ndarray) -> np.ndarray:
-    data, paths = out.data, out.evaluation.paths
-    if data.x_te is not None:
-        return np.asarray(data.x_te[np.asarray(rows, dtype=np.int64)])
-    chosen = [paths[int(i)] for i in rows]
-    return dataset.load_split(dataset.Split(chosen, [0] * len(chosen)), data.size, data.size, [], data.workers)[0]
+    """The decoded test images at `rows` (for the report's plots)."""
+    return np.asarray(out.data.test_images(out.evaluation.paths, np.asarray(rows, dtype=np.int64))[:])
 
 
 def write_plots(rep: Path, out: Outcome) -> list[dict[str, Any]]:
