@@ -126,7 +126,7 @@ def fit_head(parts: Parts, suffix: keras.Model, cached: Cached, fit: Fitter, cfg
     backward through the top block for the training rows, forward for the validation rows)."""
     t = time.perf_counter()
     to_vector, from_vector = split_head(parts.head)
-    pool = keras.Model(suffix.inputs, to_vector(suffix.outputs[0]))
+    pool = keras.Model(suffix.inputs[0], to_vector(suffix.outputs[0]))
     v_tr = _pooled(pool, cached.train, cfg.batch_size, "pooled features (train)")
     v_va = _pooled(pool, cached.validation, cfg.batch_size, "pooled features (validation)")
     suffix_s = (time.perf_counter() - t) / cached.rows
