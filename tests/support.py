@@ -195,13 +195,18 @@ class Trained:
         return images, np.array([self.labels.index(p.parent.name) for p in self.test_paths])
 
 
-def clone_version(store: Path, name: str, src: int, dst: int, mutate: dict[str, object] | None = None) -> Path:
-    """Publish a copy of version `src` as `dst` the way train does: a hidden folder renamed into place."""
+def clone_version(store: Path, name: str, src: int, dst: int, mutate: dict[str, object] | None = None,
+                  edit: Callable[[Path], object] | None = None) -> Path:
+    """Publish a copy of version `src` as `dst` the way train does: a hidden folder renamed into place.
+    `edit` changes the copy's files before it is renamed, so a server never sees the copy half edited
+    (its scans would try the copy, then the edit as a new version of the files)."""
     tmp = store / name / f".tmp-clone-{dst}"
     shutil.copytree(store / name / str(src), tmp)
     meta = json.loads((tmp / "model.json").read_text())
     meta.update({"version": dst, **(mutate or {})})
     (tmp / "model.json").write_text(json.dumps(meta))
+    if edit is not None:
+        edit(tmp)
     final = store / name / str(dst)
     tmp.rename(final)
     return final

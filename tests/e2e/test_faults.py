@@ -236,7 +236,7 @@ def test_broken_version_cases(live: LiveServer, trained: Trained, case: str) -> 
     if case == "empty_folder":
         (store / trained.name / str(new)).mkdir()
     elif case == "wrong_signature":
-        _wrong_signature(clone_version(store, trained.name, trained.version, new))
+        clone_version(store, trained.name, trained.version, new, edit=_wrong_signature)
     elif case == "warmup_raises":  # the graph loads, but answers 10 classes for a model.json naming 3
         clone_version(store, trained.name, trained.version, new, {"labels": ["a", "b", "c"]})
     with Load(live.url, clothing_images(4), clients=2) as load:

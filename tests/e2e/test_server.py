@@ -139,17 +139,20 @@ def test_hot_swap_under_load_loses_nothing(live: LiveServer, trained: Trained, t
 @pytest.mark.parametrize("breakage", ["truncated_pb", "missing_variables", "bad_json", "wrong_labels"])
 def test_broken_version_is_refused_old_keeps_serving(live: LiveServer, trained: Trained, breakage: str) -> None:
     store = live.log.parent / "store"
-    bad = clone_version(store, trained.name, trained.version, trained.version + 1)
-    if breakage == "truncated_pb":
-        pb = bad / "saved_model.pb"
-        pb.write_bytes(pb.read_bytes()[:100])
-    elif breakage == "missing_variables":
-        shutil.rmtree(bad / "variables")
-    elif breakage == "bad_json":
-        (bad / "model.json").write_text('{"format": 1, "name": ')
-    elif breakage == "wrong_labels":
-        clone_path = bad / "model.json"
-        clone_path.write_text(clone_path.read_text().replace('"labels": [', '"labels": ["extra", '))
+
+    def break_it(bad: Path) -> None:  # before the copy is renamed into place
+        if breakage == "truncated_pb":
+            pb = bad / "saved_model.pb"
+            pb.write_bytes(pb.read_bytes()[:100])
+        elif breakage == "missing_variables":
+            shutil.rmtree(bad / "variables")
+        elif breakage == "bad_json":
+            (bad / "model.json").write_text('{"format": 1, "name": ')
+        elif breakage == "wrong_labels":
+            clone_path = bad / "model.json"
+            clone_path.write_text(clone_path.read_text().replace('"labels": [', '"labels": ["extra", '))
+
+    clone_version(store, trained.name, trained.version, trained.version + 1, edit=break_it)
     image = clothing_images(1)[0]
     with Load(live.url, [image], clients=2) as load:
         assert wait_until(lambda: live.metric("imgserve_model_loads_total", model="clothing",
