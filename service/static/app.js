@@ -2,7 +2,8 @@
 // The upload page: pick a model, send images to /predict one request per image, show the top classes.
 const $ = (sel) => document.querySelector(sel);
 let models = [];
-let feedbackOn = false;  // the server stores corrections (IMGSERVE_FEEDBACK_DIR)
+// Whether the server stores corrections (IMGSERVE_FEEDBACK_DIR): a promise, since an answer can come back first
+let feedbackOn = Promise.resolve(false);
 
 const MESSAGES = {
   413: "This image is too large for the server.",
@@ -101,7 +102,7 @@ async function classify(file) {
     li.setAttribute("aria-label", `${t.label}: ${pct} percent`);
     list.append(li);
   }
-  if (feedbackOn) offerCorrection(node, file, body);
+  if (await feedbackOn) offerCorrection(node, file, body);
 }
 
 // Next to each answer: the right class, sent to /v1/feedback with the photo, stored for the next training run.
@@ -133,9 +134,9 @@ function offerCorrection(node, file, body) {
 
 async function loadFeedbackStatus() {
   try {
-    feedbackOn = (await (await fetch("/v1/feedback")).json()).enabled === true;
+    return (await (await fetch("/v1/feedback")).json()).enabled === true;
   } catch (e) {
-    feedbackOn = false;
+    return false;
   }
 }
 
@@ -157,4 +158,4 @@ document.addEventListener("paste", (e) => {
   handle(files);
 });
 loadModels();
-loadFeedbackStatus();
+feedbackOn = loadFeedbackStatus();

@@ -86,10 +86,18 @@ def test_a_correction_sent_from_the_upload_page_is_stored_for_training(browser, 
     server = start_server(tmp_path / "store", tmp_path, IMGSERVE_FEEDBACK_DIR=str(tmp_path / "feedback"))
     try:
         page = browser.new_page()
+        # the page asks whether feedback is on; that answer is held until a photo is classified, as a slow
+        # server may do: the correction is offered once the answer to that question comes
+        held = []
+        page.route("**/v1/feedback", lambda route: held.append(route) if route.request.method == "GET"
+                   else route.continue_())
         page.goto(server.url + "/")
         page.wait_for_function("document.querySelector('#model').options.length > 0")
         image = clothing_images(3)[2]
         page.set_input_files("#files", [str(image)])
+        page.wait_for_function("document.querySelectorAll('.card .bars .bar').length > 0", timeout=30000)
+        assert len(held) == 1
+        held[0].continue_()
         form = page.locator(".card .feedback")
         form.wait_for(state="visible", timeout=30000)
         predicted = page.locator(".card .bar .label").first.inner_text()
