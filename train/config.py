@@ -43,6 +43,8 @@ class TrainConfig:
                                       "(default: the backbone's last block, e.g. block5_conv1 for VGG16)")
     head_learning_rate: float = _opt(1e-3, "Adam learning rate, phase 1")
     fine_tune_learning_rate: float = _opt(1e-4, "Adam learning rate, phase 2")
+    ema_momentum: float = _opt(0.0, "keep an exponential moving average of the weights with this momentum per "
+                               "step (for example 0.99), validate and publish the average; 0 for none")
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss, both phases")
     class_weights: bool = _opt(True, "weight the loss by inverse class frequency (no: plain sampling)")
     time_budget_min: float = _opt(30.0, "plan the epochs so the whole run (evaluation and export included) "

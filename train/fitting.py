@@ -72,8 +72,12 @@ def onehot(y: np.ndarray | None, k: int) -> np.ndarray:
     return np.asarray(keras.utils.to_categorical(y, k))
 
 
-def _callbacks(patience: int) -> list[keras.callbacks.Callback]:
+def _callbacks(patience: int, ema: bool) -> list[keras.callbacks.Callback]:
+    # with a moving average, validation and the early-stopping copy of the best epoch see the average: the
+    # swap comes first, so at each epoch's end the model holds it when EarlyStopping reads the weights
+    swap = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if ema else []
     return [
+        *swap,
         stopping.StopOnSignal(),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=max(1, patience // 2),
@@ -100,11 +104,13 @@ class Fitter:
         """`train` and `val` are (x, one-hot y) array pairs or PyDatasets (which carry their own weights);
         `share`: the part of the budget's training time left that this phase may use."""
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=self.cfg.label_smoothing)
-        model.compile(optimizer=keras.optimizers.Adam(lr), loss=loss, metrics=["accuracy"])
+        ema = self.cfg.ema_momentum > 0
+        optimizer = keras.optimizers.Adam(lr, use_ema=ema, ema_momentum=self.cfg.ema_momentum if ema else 0.99)
+        model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
         before = model.get_weights() if math.isfinite(self.best_val_loss) else None
         t = time.perf_counter()
         logger.info("phase %s: %d epochs at most, learning rate %g, %s", phase, epochs, lr, self.budget.describe())
-        callbacks = [*_callbacks(self.cfg.patience), BudgetStop(self.budget, phase, epochs, share)]
+        callbacks = [*_callbacks(self.cfg.patience, ema), BudgetStop(self.budget, phase, epochs, share)]
         if isinstance(train, tuple):
             h = model.fit(*train, validation_data=val, epochs=epochs, batch_size=self.cfg.batch_size,
                           class_weight=self.class_weight, callbacks=callbacks, verbose=_verbose())
