@@ -56,7 +56,7 @@ def _demo(argv: list[str]) -> int:
         result = run(TrainConfig(
             data=root, store=args.store, name=DEMO_NAME, backbone="cnn", weights="none",
             image_size=args.image_size, head_epochs=args.epochs, patience=6, batch_size=32,
-            time_budget_min=args.time_budget_min, precision="float32",
+            time_budget_min=args.time_budget_min, precision="float32", ema_momentum=0.0,
             extra_metadata={"demo": True, "description": "Demo model trained on synthetic shapes"},
         ))
     print(f"published {result.published} (test accuracy {result.metrics['accuracy']:.3f})")

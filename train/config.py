@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,11 @@ class TrainConfig:
                                       "(default: the backbone's last block, e.g. block5_conv1 for VGG16)")
     head_learning_rate: float = _opt(1e-3, "Adam learning rate, phase 1")
     fine_tune_learning_rate: float = _opt(1e-4, "Adam learning rate, phase 2")
-    ema_momentum: float = _opt(0.0, "keep an exponential moving average of the weights with this momentum per "
-                               "step (for example 0.99), validate and publish the average; 0 for none")
-    label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss, both phases")
+    ema_momentum: float | None = _opt(None, "keep an exponential moving average of the weights with this momentum "
+                                      "per step, validate and publish the average; 0 for none; auto: 0.995 for "
+                                      "a phase of at least 1,000 planned steps, none for a shorter one (where the "
+                                      "average would still hold much of the starting weights)")
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss, both phases")
     class_weights: bool = _opt(True, "weight the loss by inverse class frequency (no: plain sampling)")
     time_budget_min: float = _opt(30.0, "plan the epochs so the whole run (evaluation and export included) "
                                   "ends within this many minutes; 0 for no budget")
@@ -89,6 +92,10 @@ def _bool(text: str) -> bool | None:
     raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
 
 
+def _float(text: str) -> float | None:
+    return None if text.lower() == "auto" else float(text)
+
+
 def store_location(text: str) -> Path:
     """A store folder, or an object-storage URL kept as written (a Path would fold its `//`)."""
     return text if "://" in text else Path(text)  # type: ignore[return-value]
@@ -101,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if meta.pop("cli", True) is False:
             continue
         kind = str(f.type).split(" | ")[0]
-        convert = {"Path": Path, "int": int, "float": float, "bool": _bool}.get(kind, str)
+        convert: Callable[[str], Any] = {"Path": Path, "int": int, "float": _float if "None" in str(f.type) else float,
+                                         "bool": _bool}.get(kind, str)
         if f.name == "store":
             convert = store_location
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -110,7 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar = None
         if convert is _bool:
             metavar = "yes|no|auto" if "None" in str(f.type) else "yes|no"
-        parser.add_argument("--" + f.name.replace("_", "-"), type=convert, default=default,  # type: ignore[arg-type]
+        elif convert is _float:
+            metavar = "auto|VALUE"
+        parser.add_argument("--" + f.name.replace("_", "-"), type=convert, default=default,
                             metavar=metavar, **meta)
 
 

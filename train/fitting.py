@@ -23,6 +23,11 @@ from train.splits import Data
 
 logger = logging.getLogger(__name__)
 
+# `--ema-momentum auto`: chosen on clothing-small (docs/training.md, 2026-12-06 evening); the phases there
+# plan 1,956 (fine-tune) and 3,260 (head) steps. 1,000 steps are five times the average's horizon.
+AUTO_EMA_MOMENTUM = 0.995
+AUTO_EMA_MIN_STEPS = 1000
+
 
 @dataclass
 class Phase:
@@ -85,6 +90,11 @@ def _callbacks(patience: int, ema: bool) -> list[keras.callbacks.Callback]:
     ]
 
 
+def _steps(train: Any, batch_size: int) -> int:
+    """Steps an epoch of `train` takes: an (x, y) pair, or a PyDataset of batches."""
+    return math.ceil(len(train[0]) / batch_size) if isinstance(train, tuple) else len(train)
+
+
 def _verbose() -> int:
     return 1 if sys.stdout.isatty() else 2
 
@@ -99,17 +109,26 @@ class Fitter:
     budget: Budget
     best_val_loss: float = math.inf  # the best validation loss of the phases so far
 
+    def ema_momentum(self, planned_steps: int) -> float:
+        """The moving average's momentum for a phase (0: none); `auto` (None) only where the phase is long
+        enough for the average to leave its starting weights behind."""
+        if self.cfg.ema_momentum is not None:
+            return self.cfg.ema_momentum
+        return AUTO_EMA_MOMENTUM if planned_steps >= AUTO_EMA_MIN_STEPS else 0.0
+
     def __call__(self, model: keras.Model, lr: float, train: Any, val: Any, epochs: int, phase: str,
                  share: float = 1.0) -> Phase:
         """`train` and `val` are (x, one-hot y) array pairs or PyDatasets (which carry their own weights);
         `share`: the part of the budget's training time left that this phase may use."""
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=self.cfg.label_smoothing)
-        ema = self.cfg.ema_momentum > 0
-        optimizer = keras.optimizers.Adam(lr, use_ema=ema, ema_momentum=self.cfg.ema_momentum if ema else 0.99)
+        momentum = self.ema_momentum(epochs * _steps(train, self.cfg.batch_size))
+        ema = momentum > 0
+        optimizer = keras.optimizers.Adam(lr, use_ema=ema, ema_momentum=momentum if ema else 0.99)
         model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
         before = model.get_weights() if math.isfinite(self.best_val_loss) else None
         t = time.perf_counter()
-        logger.info("phase %s: %d epochs at most, learning rate %g, %s", phase, epochs, lr, self.budget.describe())
+        logger.info("phase %s: %d epochs at most, learning rate %g%s, %s", phase, epochs, lr,
+                    f", moving average of the weights at momentum {momentum:g}" if ema else "", self.budget.describe())
         callbacks = [*_callbacks(self.cfg.patience, ema), BudgetStop(self.budget, phase, epochs, share)]
         if isinstance(train, tuple):
             h = model.fit(*train, validation_data=val, epochs=epochs, batch_size=self.cfg.batch_size,

@@ -120,6 +120,7 @@ def run_info(out: Outcome) -> dict[str, Any]:
             "images": {"train": len(out.data.source.train), "validation": len(out.data.source.validation),
                        "test": len(out.evaluation.y)},
             "device": device_description(), "label_smoothing": cfg.label_smoothing,
+            "ema_momentum": cfg.ema_momentum, "head_epochs": cfg.head_epochs, "dropout": cfg.dropout,
             "class_weights": cfg.class_weights, "augment_copies": cfg.augment_copies,
             "fine_tune_from": cfg.fine_tune_from, "fine_tune_learning_rate": cfg.fine_tune_learning_rate}
 

@@ -75,3 +75,20 @@ def test_without_a_moving_average_the_best_epoch_s_own_weights_are_kept(monkeypa
     model, phase, trajectory = _phase(0.0, monkeypatch)
     best = int(np.argmin(phase.history["val_loss"]))
     assert _close([keras.ops.convert_to_numpy(v) for v in model.trainable_weights], trajectory.raw_at_epoch[best])
+
+
+def test_auto_keeps_an_average_only_for_a_phase_long_enough_to_leave_its_start_behind() -> None:
+    import argparse
+
+    from train.config import add_arguments, from_arguments
+
+    def momentum(text: str | None, steps: int) -> float:
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        argv = ["--data", "unused"] + ([] if text is None else ["--ema-momentum", text])
+        cfg = from_arguments(parser.parse_args(argv))
+        return fitting.Fitter(cfg, None, Budget(0, time.perf_counter())).ema_momentum(steps)
+
+    assert momentum(None, 1956) == momentum("auto", 1956) == fitting.AUTO_EMA_MOMENTUM  # the clothing-small fine-tune
+    assert momentum(None, 999) == 0.0  # a short phase (the demo, a small dataset): the raw weights
+    assert momentum("0.9", 10) == 0.9 and momentum("0", 5000) == 0.0  # asked for: as asked

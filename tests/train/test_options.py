@@ -51,12 +51,13 @@ def test_a_weights_file_fine_tuned_from_a_layer_end_to_end(tmp_path: Path, cloth
     result = run(TrainConfig(data=data, store=tmp_path / "store", name="opts", backbone="vgg16", weights=str(weights),
                              image_size=32, head_epochs=1, fine_tune_epochs=1, fine_tune_from="block4_conv1",
                              cache_features=False, class_weights=False, variants=False, batch_size=4, workers=2,
-                             time_budget_min=0))
+                             time_budget_min=0, ema_momentum=0.9))
     # the backbone started from the file's weights (the layers before block4_conv1 were never trained)
     assert np.array_equal(layer(result.model, "block1_conv1").get_weights()[0],
                           start.get_layer("block1_conv1").get_weights()[0])
     run_info = json.loads((result.version_dir / "report" / "metrics.json").read_text())["run"]
     assert run_info["fine_tune_from"] == "block4_conv1" and run_info["epochs"].get("fine_tune", 0) >= 1, run_info
+    assert run_info["ema_momentum"] == 0.9  # both phases kept a moving average (tests/train/test_fitting.py)
     meta = json.loads((result.version_dir / "model.json").read_text())
     assert meta["variants"] == [] and not (result.version_dir / "variants").exists()  # --variants no
     assert meta["training"]["cache_features"] is False and meta["training"]["class_weights"] is False
