@@ -1,6 +1,7 @@
 """gRPC against this service's own REST, in one run on one server per model: REST multipart uploads by wrk
 (compiled) and by the Python httpx generator (bench.load), gRPC ModelInfer by the asyncio generator
-(bench.grpc_load), each closed-loop with N clients after a warm-up. Writes the table and raw results.
+(bench.grpc_load), each closed-loop with N clients after a warm-up. Every generator sends the same photo
+(the first of the folder, as wrk does): photos differ in decoding cost. Writes the table and raw results.
 
     python -m bench.grpc_vs_rest [--models cnn,vgg16] [--clients 1,8,32] [--duration 20]
 """
@@ -26,15 +27,16 @@ IMAGES = SHARED / "datasets" / "clothing-small" / "validation"
 def grpc_load(server: Server, model: str, clients: int, duration: float) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "bench.grpc_load", "--target", server.grpc_target, "--model", model,
                           "--images", str(IMAGES), "--clients", str(clients), "--duration", str(duration),
-                          "--warmup", str(WARMUP_S)], cwd=REPO, env=service_env(), capture_output=True, text=True,
-                         check=True)
+                          "--warmup", str(WARMUP_S), "--limit-images", "1"], cwd=REPO, env=service_env(),
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def http_load(server: Server, clients: int, duration: float) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "bench.load", "--url", server.url, "--images", str(IMAGES),
-                          "--clients", str(clients), "--duration", str(duration), "--warmup", str(WARMUP_S)],
-                         cwd=REPO, env=service_env(), capture_output=True, text=True, check=True)
+                          "--clients", str(clients), "--duration", str(duration), "--warmup", str(WARMUP_S),
+                          "--limit-images", "1"], cwd=REPO, env=service_env(), capture_output=True, text=True,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
