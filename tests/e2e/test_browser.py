@@ -37,6 +37,10 @@ def browser() -> Iterator[object]:
 def test_upload_page_classifies_and_reports_errors(browser, live: LiveServer, trained: Trained,  # type: ignore[no-untyped-def]
                                                    tmp_path: Path) -> None:
     page = browser.new_page(viewport={"width": 390, "height": 844})  # phone-sized
+    # a listener from the start turns on Chromium's file-chooser interception long before the keypress:
+    # expect_file_chooser alone turns it on without waiting for it, and on a loaded machine the keypress
+    # won that race (CI: no filechooser event in 30 s)
+    page.on("filechooser", lambda chooser: None)
     page.goto(live.url + "/")
     page.wait_for_function("document.querySelector('#model').options.length > 0")
     assert page.locator("#model").input_value() == "clothing"
