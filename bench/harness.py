@@ -117,7 +117,7 @@ class ServerProcess:
         self.grpc_port = int(settings["IMGSERVE_GRPC_PORT"])
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         env = service_env(**{"IMGSERVE_HOST": "127.0.0.1", "IMGSERVE_PORT": str(self.port),
-                             "IMGSERVE_MODEL_STORE": str(store), **settings})
+                             "IMGSERVE_MODEL_STORE": str(store.resolve()), **settings})  # cwd may be `code`
         with open(self.log, "wb") as fh:
             own = code / ".venv" / "bin" / "python"  # a checkout with its own venv runs with it (its own pins)
             python = str(own) if code != REPO and own.exists() else sys.executable

@@ -11,7 +11,8 @@ a batch that raises is split in halves and retried so that only the failing rows
 With `inline_max_s`, a lone row that finds the batcher idle (nothing queued, running or on its way)
 is run at once on the caller's thread by `run_inline` when the model's batch of one has taken at
 most that long: for a cheap model the hand-off to the model thread and back costs about as much as
-the model, and nothing could have joined the batch (reason `inline`).
+the model, and nothing could have joined the batch (reason `inline`). The pipeline asks
+`may_run_inline` first and also requires that no other request be in progress in the process.
 
 `batches_in_flight` batches may run at once (each in its own executor thread). With 2, the next
 batch is formed and started while one runs: on a GPU that overlaps host work and transfers with
@@ -195,12 +196,16 @@ class Batcher(Generic[T, R]):
         self._report_depth()
         return futures
 
+    def may_run_inline(self) -> bool:
+        """Whether a lone row would run inline now (`run_inline`)."""
+        return not (self.inline_max_s <= 0 or self.single_run_s is None or self.single_run_s > self.inline_max_s
+                    or self._pending or self.running_rows or self._incoming or not self.accepting)
+
     def run_inline(self, item: T) -> RowResult[R] | None:
         """Run one row now, on this thread, if the batcher is idle and a batch of one is cheap enough;
         None when it is not (then `submit` it). Raises BatchFailed when the model fails on it. The caller
         checks the deadline: the row runs at once."""
-        if (self.inline_max_s <= 0 or self.single_run_s is None or self.single_run_s > self.inline_max_s
-                or self._pending or self.running_rows or self._incoming or not self.accepting):
+        if not self.may_run_inline():
             return None
         start = self._clock.now()
         try:

@@ -56,8 +56,9 @@ class Metrics:
                                     registry=r, multiprocess_mode="livesum")
         self.inflight_rows = Gauge("imgserve_inflight_rows", "Rows queued or running", mv, registry=r,
                                    multiprocess_mode="livesum")
-        self.inflight_requests = Gauge("imgserve_inflight_requests", "Prediction requests being worked on",
-                                       registry=r, multiprocess_mode="livesum")
+        self.inflight_requests = Gauge("imgserve_inflight_requests", "Requests being worked on (HTTP POST and "
+                                       "gRPC calls)", registry=r, multiprocess_mode="livesum")
+        self.requests_in_progress = 0  # the gauge's value in this process, for the pipeline (`request_began`)
         self.dropped_rows = Counter("imgserve_dropped_rows_total", "Rows dropped before inference",
                                     [*mv, "reason"], registry=r)
         self.rejections = Counter("imgserve_rejections_total", "Requests refused, by reason", ["reason"],
@@ -131,6 +132,15 @@ class Metrics:
         self.process_rss = Gauge("imgserve_server_process_resident_memory_bytes",
                                  "Resident memory of each server process (label pid with several)", registry=r,
                                  multiprocess_mode="liveall")
+
+    def request_began(self) -> None:
+        """A request of any protocol is being worked on (HTTP POST, gRPC call): `request_ended` when answered."""
+        self.requests_in_progress += 1
+        self.inflight_requests.inc()
+
+    def request_ended(self) -> None:
+        self.requests_in_progress -= 1
+        self.inflight_requests.dec()
 
     def observe_http(self, handler: str, method: str, status: int, seconds: float) -> None:
         self.http_requests.labels(handler, method, str(status)).inc()

@@ -69,7 +69,6 @@ class ServiceMiddleware:
         self.metrics = metrics
         self.inflight_limit = inflight_limit
         self.inflight = 0
-        self._inflight_gauge = metrics.inflight_requests
         # the answer over the limit, made once: refusing must stay cheap when it is most of the traffic
         self._busy_body, self._busy_headers = _json_parts(
             f"the server is at capacity ({inflight_limit} requests in progress in this process); retry after 1s",
@@ -108,12 +107,12 @@ class ServiceMiddleware:
                     return
                 admitted = True
                 self.inflight += 1
-                self._inflight_gauge.inc()
+                self.metrics.request_began()
             await self._guarded(scope, receive, send_with_id)
         finally:
             if admitted:
                 self.inflight -= 1
-                self._inflight_gauge.dec()
+                self.metrics.request_ended()
             handler = _route_of(scope)
             if handler not in UNTIMED:
                 self.metrics.observe_http(handler, scope["method"], status, time.perf_counter() - start)

@@ -397,15 +397,21 @@ async def run_rows(call: Call, served: ServedVersion, rows: Sequence[np.ndarray]
     """Queue the rows on the version's batcher and wait for all of them (or the client leaving).
     A lone row that finds the batcher idle, with a cheap model, runs at once (`Batcher.run_inline`)."""
     deadline, metrics = call.deadline, call.serving.metrics
-    if len(rows) == 1:
+    if len(rows) == 1 and served.batcher.may_run_inline():
+        # A lone row runs inline only while no other request is being worked on in this process. Under
+        # load, the event loop reads several requests in one poll: yield once so that they begin (HTTP
+        # and gRPC count themselves first thing), and batch with them. Otherwise each would run inline in
+        # turn, finding the model idle, and the process would answer one request at a time on one core.
+        await asyncio.sleep(0)
         _check_deadline(deadline, metrics)
-        try:
-            result = served.batcher.run_inline(rows[0])
-        except BatchFailed as exc:
-            raise ModelFailed(f"the model failed on this input: {exc}") from exc
-        if result is not None:
-            return Outcome(probabilities=result.value[None], queue_s=0.0, run_s=result.run_s, batch_size=1,
-                           served=served)
+        if metrics.requests_in_progress <= 1:
+            try:
+                result = served.batcher.run_inline(rows[0])
+            except BatchFailed as exc:
+                raise ModelFailed(f"the model failed on this input: {exc}") from exc
+            if result is not None:
+                return Outcome(probabilities=result.value[None], queue_s=0.0, run_s=result.run_s, batch_size=1,
+                               served=served)
     futures = _submit(served, rows, deadline, metrics)
     inflight = metrics.inflight_rows.labels(served.name, str(served.version))
     inflight.inc(len(rows))

@@ -167,8 +167,9 @@ class Settings(BaseSettings):
         "configured in the process); off, FastAPI skips its per-request checks"
     )
     inline_run_max_ms: float = Field(
-        2.0, ge=0, le=1000, description="a lone row that finds its model idle (nothing queued, running or decoding) "
-        "runs on the event loop, not the model thread, when a batch of one takes at most this long (0: never)"
+        2.0, ge=0, le=1000, description="a lone row that finds its model idle (nothing queued, running or "
+        "decoding, no other request in progress) runs on the event loop, not the model thread, when a batch of one "
+        "takes at most this long (0: never)"
     )
     decode_threads: int = Field(
         0, ge=0, description="decoding thread pool size (0: the process's share of the CPU cores)"

@@ -135,6 +135,7 @@ class RpcServer:
         async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             t0, code = time.perf_counter(), grpc.StatusCode.OK
             rpc = self._rpc(context)
+            self.metrics.request_began()
             try:
                 try:
                     self._check(context, rpc.metadata, scope)
@@ -158,6 +159,7 @@ class RpcServer:
                     logger.exception("gRPC %s/%s failed", service, method)
                 raise
             finally:
+                self.metrics.request_ended()
                 self.metrics.grpc_requests.labels(short, method, code.name).inc()
                 self.metrics.grpc_latency.labels(method).observe(time.perf_counter() - t0)
                 self.metrics.process_requests.inc()

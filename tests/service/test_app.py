@@ -297,6 +297,30 @@ async def test_a_lone_request_runs_inline_on_an_idle_cheap_model(tmp_path: Path,
     assert metric_sum(metrics, "imgserve_rows_total", model="fake", version="1") == 2
 
 
+async def test_requests_that_arrive_together_are_batched_not_run_inline_one_by_one(tmp_path: Path) -> None:
+    """A row runs inline only when no other request is on its way. Requests whose bytes came in one poll
+    of the event loop are all on their way: the first must not run inline, or each next one would find
+    the model idle in turn and the server would answer one at a time on one core under load."""
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    REDS = (10, 40, 70, 100, 130, 160, 190, 220)  # noqa: N806
+    settings = Settings(model_store=tmp_path, max_batch_delay_ms=20, poll_interval_s=0.05, inline_run_max_ms=2.0)
+    app = create_app(settings, loader=lambda path, meta: FakeClassifier(meta))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            await wait_ready(c)
+            lone = await c.post("/predict", content=jpeg(10), headers={"Content-Type": "image/jpeg"})
+            assert lone.status_code == 200, lone.text
+            answers = await asyncio.gather(*(c.post("/predict", content=jpeg(red), headers={
+                "Content-Type": "image/jpeg"}) for red in REDS))
+            metrics = (await c.get("/metrics")).text
+    assert [r.status_code for r in answers] == [200] * 8
+    assert [r.json()["predictions"][0]["top"][0]["label"] for r in answers] == ["dark"] * 3 + ["mid"] * 3 + ["bright"] * 2
+    assert metric_sum(metrics, "imgserve_batches_total", model="fake", version="1", reason="inline") == 1  # the lone one
+    assert metric_sum(metrics, "imgserve_rows_total", model="fake", version="1") == 9
+    assert metric_sum(metrics, "imgserve_batches_total", model="fake", version="1") < 9
+
+
 async def test_a_full_queue_is_refused_before_decoding(tmp_path: Path) -> None:
     """Past the queue's rows, a request is refused before its images are decoded: when the queue is
     full as it arrives (before its body is read) and when its images would not fit (once read)."""

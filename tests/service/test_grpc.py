@@ -371,6 +371,7 @@ async def test_a_cancelled_call_is_counted_and_nothing_else_is_affected(tmp_path
 
             await eventually_async(lambda: metric("imgserve_inflight_rows"), lambda n: n == 2, 30,
                                    "the call's rows in flight")
+            assert await metric("imgserve_inflight_requests") == 1  # gRPC calls count as HTTP POSTs do
             call.cancel()
             await eventually_async(lambda: metric("imgserve_grpc_requests_total", code="CANCELLED"),
                                    lambda n: n == 1, 30, "the cancelled call counted")
@@ -380,6 +381,7 @@ async def test_a_cancelled_call_is_counted_and_nothing_else_is_affected(tmp_path
             assert probabilities(resp).argmax() == 2
             assert (await http.get("/health/ready")).status_code == 200
             assert await metric("imgserve_rejections_total", reason="client_gone") == 1
+            assert await metric("imgserve_inflight_requests") == 0
 
 
 async def test_health_is_not_serving_until_a_model_is_loaded(tmp_path: Path) -> None:
