@@ -1,7 +1,9 @@
 """gRPC against this service's own REST, in one run on one server per model: REST multipart uploads by wrk
 (compiled) and by the Python httpx generator (bench.load), gRPC ModelInfer by the asyncio generator
 (bench.grpc_load), each closed-loop with N clients after a warm-up. Every generator sends the same photo
-(the first of the folder, as wrk does): photos differ in decoding cost. Writes the table and raw results.
+(the first of the folder, as wrk does): photos differ in decoding cost. Beside each generator's figures, the
+server's CPU time per image it answered in that run: the cost of each protocol's code path to the server,
+apart from what each generator costs the shared machine. Writes the table and raw results.
 
     python -m bench.grpc_vs_rest [--models cnn,vgg16] [--clients 1,8,32] [--duration 20]
 """
@@ -14,6 +16,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,16 @@ def http_load(server: Server, clients: int, duration: float) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def with_server_cost(server: Server, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A generator's result with the server's CPU time per image it answered, over the whole run (warm-up
+    included, on both sides): what the protocol's code path costs the server, whatever the generator costs."""
+    rows0, cpu0 = server.batch_totals()[0], server.cpu_seconds()
+    res = generate()
+    rows = server.batch_totals()[0] - rows0
+    return {**res, "server_images": rows,
+            "server_cpu_ms_per_image": (server.cpu_seconds() - cpu0) / rows * 1e3 if rows else None}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="cnn,vgg16")
@@ -59,13 +73,16 @@ def main() -> int:
             levels = args.vgg16_clients if kind == "vgg16" else args.clients
             for clients in map(int, levels.split(",")):
                 wrk(server.url, image, clients, WARMUP_S, multipart=True)
-                runs = {"rest-multipart-wrk": wrk(server.url, image, clients, args.duration, multipart=True),
-                        "rest-multipart-httpx": http_load(server, clients, args.duration),
-                        "grpc-aio": grpc_load(server, model, clients, args.duration)}
-                for name, res in runs.items():
+                generators = {
+                    "rest-multipart-wrk": partial(wrk, server.url, image, clients, args.duration, multipart=True),
+                    "rest-multipart-httpx": partial(http_load, server, clients, args.duration),
+                    "grpc-aio": partial(grpc_load, server, model, clients, args.duration)}
+                for name, generate in generators.items():
+                    res = with_server_cost(server, generate)
                     rows.append({"model": kind, "clients": clients, "generator": name, **res})
                     print(f"{kind:6} c={clients:<3} {name:22} {res['images_per_s']:8.1f}/s p50 {res['p50_ms']:.2f} ms "
-                          f"errors {res.get('errors', 0)}", flush=True)
+                          f"server {res['server_cpu_ms_per_image']:.3f} ms CPU/image errors {res.get('errors', 0)}",
+                          flush=True)
         finally:
             server.stop()
     doc = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "rows": rows,
