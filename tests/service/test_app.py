@@ -311,14 +311,20 @@ async def test_requests_that_arrive_together_are_batched_not_run_inline_one_by_o
             await wait_ready(c)
             lone = await c.post("/predict", content=jpeg(10), headers={"Content-Type": "image/jpeg"})
             assert lone.status_code == 200, lone.text
+            before = (await c.get("/metrics")).text
             answers = await asyncio.gather(*(c.post("/predict", content=jpeg(red), headers={
                 "Content-Type": "image/jpeg"}) for red in REDS))
-            metrics = (await c.get("/metrics")).text
+            after = (await c.get("/metrics")).text
+
+    def added(name: str, **labels: str) -> float:
+        return metric_sum(after, name, model="fake", version="1", **labels) - metric_sum(
+            before, name, model="fake", version="1", **labels)
+
     assert [r.status_code for r in answers] == [200] * 8
     assert [r.json()["predictions"][0]["top"][0]["label"] for r in answers] == ["dark"] * 3 + ["mid"] * 3 + ["bright"] * 2
-    assert metric_sum(metrics, "imgserve_batches_total", model="fake", version="1", reason="inline") == 1  # the lone one
-    assert metric_sum(metrics, "imgserve_rows_total", model="fake", version="1") == 9
-    assert metric_sum(metrics, "imgserve_batches_total", model="fake", version="1") < 9
+    assert added("imgserve_rows_total") == 8
+    assert added("imgserve_batches_total", reason="inline") == 0
+    assert added("imgserve_batches_total") < 8
 
 
 async def test_a_full_queue_is_refused_before_decoding(tmp_path: Path) -> None:
