@@ -347,7 +347,7 @@ def burst(url: str, body: bytes | list[bytes], n: int, path: str = "/predict",
 def grpc_infer(target: str, model: str, images: list[bytes], timeout: float = 30,
                **metadata: str) -> tuple[np.ndarray, dict[str, str]]:
     """ModelInfer (KServe v2 / Triton gRPC) of encoded images on `target` (host:port): the probabilities and
-    the trailing metadata. Raises grpc.RpcError with the call's status."""
+    the trailing metadata. Raises grpc.RpcError with the call's status. Each call opens its own connection."""
     import grpc
 
     from service.rpc import protos
@@ -355,7 +355,9 @@ def grpc_infer(target: str, model: str, images: list[bytes], timeout: float = 30
     req = protos.message("inference.ModelInferRequest")(model_name=model)
     req.inputs.add(name="images", datatype="BYTES", shape=[len(images)]).contents.bytes_contents.extend(images)
     resp_cls = protos.message("inference.ModelInferResponse")
-    with grpc.insecure_channel(target) as channel:
+    # a connection of its own: channels to one target otherwise share one from gRPC's global subchannel pool
+    # while it lives, so callers that count on new connections (spread over processes) would not get them
+    with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         fn = channel.unary_unary(f"/{protos.KSERVE}/ModelInfer", request_serializer=lambda x: x.SerializeToString(),
                                  response_deserializer=resp_cls.FromString)
         resp, call = fn.with_call(req, timeout=timeout, metadata=tuple(metadata.items()) or None)
