@@ -1,7 +1,14 @@
-"""Closed-loop gRPC load generator (asyncio, `grpc.aio`), run in its own process: N clients, each sending
-the next image as a KServe v2 ModelInfer (one BYTES element) as soon as its previous answer arrives, for
-a warm-up and then a fixed time. Prints one JSON object, with the generator's own CPU time per answer
-(it shares the machine with the server: its cost is part of what the figures include).
+"""Closed-loop gRPC load generators: N clients, each sending the next image as a KServe v2 ModelInfer (one
+BYTES element) as soon as its previous answer arrives, for a warm-up and then a fixed time.
+
+- `run` (asyncio, `grpc.aio`, in its own process; `python -m bench.grpc_load`): a Python client as a
+  user's service would write it.
+- `h2load_grpc`: h2load (C, Debian's nghttp2-client) sending the same framed gRPC message over HTTP/2,
+  the gRPC counterpart of wrk: each generator shares the machine with the server, so a Python client's
+  own cost would count against gRPC in a comparison with wrk. h2load sees HTTP statuses only (gRPC puts
+  its status in trailers): the caller checks the server's count of answers by gRPC status code.
+
+Each reports its own CPU time per answer (its cost is part of what the figures include).
 
     python -m bench.grpc_load --target 127.0.0.1:8001 --model bench-cnn --images DIR --clients 8 --duration 20
 """
@@ -12,7 +19,10 @@ import argparse
 import asyncio
 import json
 import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,14 +38,55 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def infer_request(model: str, image: bytes) -> bytes:
+    """A serialised ModelInferRequest holding one encoded image as a BYTES element."""
+    req_cls = protos.methods(protos.KSERVE)["ModelInfer"][0]
+    req = req_cls(model_name=model)
+    req.inputs.add(name="images", datatype="BYTES", shape=[1]).contents.bytes_contents.append(image)
+    return req.SerializeToString()  # type: ignore[no-any-return]
+
+
+def h2load_grpc(target: str, model: str, image: bytes, clients: int, duration_s: float,
+                warmup_s: float, metadata: tuple[str, ...] = ()) -> dict[str, object]:
+    """h2load as a closed-loop gRPC client: `clients` HTTP/2 connections with one call in flight each, one
+    native thread (as cheap a client as wrk), a warm-up, then `duration_s` measured. Status and time per
+    call come from `--log-file`; `http_ok` counts HTTP 200s, which include calls that gRPC failed. At the
+    end of its time h2load closes the connections with a call in flight: the server counts those calls
+    CANCELLED (at most one a client). `metadata`: more headers, `name: value` (an API key)."""
+    if not shutil.which("h2load"):
+        raise SystemExit("the gRPC h2load generator needs `h2load` (apt-get install nghttp2-client)")
+    message = infer_request(model, image)
+    with tempfile.TemporaryDirectory(prefix="grpc-h2load-") as tmp:
+        body, log = Path(tmp) / "body", Path(tmp) / "log.tsv"
+        body.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)  # gRPC framing: uncompressed, length
+        cmd = ["h2load", "-c", str(clients), "-m", "1", "-t", "1", "-D", f"{int(duration_s)}s",
+               "--warm-up-time", f"{int(warmup_s)}s", "-d", str(body), "-H", "content-type: application/grpc",
+               "-H", "te: trailers", *(arg for h in metadata for arg in ("-H", h)), "--log-file", str(log), f"http://{target}/{protos.KSERVE}/ModelInfer"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if out.returncode:
+            raise RuntimeError(f"h2load exited with {out.returncode}: {out.stdout[-400:]}{out.stderr[-400:]}")
+        rows = [line.split("\t")[:3] for line in log.read_text().splitlines()]
+    statuses: dict[str, int] = {}
+    for _, code, _ in rows:
+        statuses[code] = statuses.get(code, 0) + 1
+    lat = np.asarray([int(us) / 1e3 for _, code, us in rows if code == "200"])
+    ok = len(lat)  # the log holds the measured window's calls: h2load logs none during its warm-up
+    return {
+        "tool": "h2load-grpc", "clients": clients, "warmup_s": warmup_s, "duration_s": duration_s,
+        "http_ok": ok, "statuses": statuses, "errors": len(rows) - ok, "images_per_s": ok / duration_s,
+        "p50_ms": float(np.percentile(lat, 50)) if ok else None,
+        "p95_ms": float(np.percentile(lat, 95)) if ok else None,
+        "p99_ms": float(np.percentile(lat, 99)) if ok else None,
+        "client_cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),  # warm-up too
+    }
+
+
 async def run(target: str, model: str, images: list[bytes], clients: int, duration_s: float,
               warmup_s: float, channels: int) -> dict[str, object]:
-    req_cls, resp_cls, *_ = protos.methods(protos.KSERVE)["ModelInfer"]
-    bodies = []
-    for image in images:
-        req = req_cls(model_name=model)
-        req.inputs.add(name="images", datatype="BYTES", shape=[1]).contents.bytes_contents.append(image)
-        bodies.append(req.SerializeToString())
+    resp_cls = protos.methods(protos.KSERVE)["ModelInfer"][1]
+    bodies = [infer_request(model, image) for image in images]
     done: list[tuple[float, float]] = []
     codes: dict[str, int] = {}
     begin = time.perf_counter()

@@ -1,9 +1,11 @@
 """gRPC against this service's own REST, in one run on one server per model: REST multipart uploads by wrk
-(compiled) and by the Python httpx generator (bench.load), gRPC ModelInfer by the asyncio generator
-(bench.grpc_load), each closed-loop with N clients after a warm-up. Every generator sends the same photo
+(compiled) and by the Python httpx generator (bench.load), gRPC ModelInfer by h2load (compiled, the
+counterpart of wrk) and by the asyncio generator (bench.grpc_load), each closed-loop with N clients after
+a warm-up. Every generator sends the same photo
 (the first of the folder, as wrk does): photos differ in decoding cost. Beside each generator's figures, the
 server's CPU time per image it answered in that run: the cost of each protocol's code path to the server,
-apart from what each generator costs the shared machine. Writes the table and raw results.
+apart from what each generator costs the shared machine; and the compiled generators' own CPU time per
+answer. Writes the table and raw results.
 
     python -m bench.grpc_vs_rest [--models cnn,vgg16] [--clients 1,8,32] [--duration 20]
 """
@@ -21,6 +23,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.grpc_load import h2load_grpc
 from bench.harness import REPO, SHARED, cpu_model, service_env
 from bench.runs import WARMUP_S, Server, ensure_model, wrk
 
@@ -44,14 +49,39 @@ def http_load(server: Server, clients: int, duration: float) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+def grpc_h2load(server: Server, model: str, image: Path, clients: int, duration: float) -> dict[str, Any]:
+    return h2load_grpc(server.grpc_target, model, image.read_bytes(), clients, duration, WARMUP_S)
+
+
+def grpc_codes(server: Server) -> dict[str, float]:
+    """The server's count of ModelInfer answers so far, by gRPC status code."""
+    codes: dict[str, float] = {}
+    for family in text_string_to_metric_families(server.metrics()):
+        for sample in family.samples:
+            if sample.name == "imgserve_grpc_requests_total" and sample.labels["method"] == "ModelInfer":
+                codes[sample.labels["code"]] = codes.get(sample.labels["code"], 0) + sample.value
+    return codes
+
+
 def with_server_cost(server: Server, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """A generator's result with the server's CPU time per image it answered, over the whole run (warm-up
-    included, on both sides): what the protocol's code path costs the server, whatever the generator costs."""
-    rows0, cpu0 = server.batch_totals()[0], server.cpu_seconds()
+    included, on both sides): what the protocol's code path costs the server, whatever the generator costs.
+    With the generator's own CPU time per image where it reports it (warm-up included too), and the
+    server's gRPC status codes (h2load cannot see them): a call that was not OK is an error, but for the
+    calls h2load cancels at its end."""
+    rows0, cpu0, codes0 = server.batch_totals()[0], server.cpu_seconds(), grpc_codes(server)
     res = generate()
     rows = server.batch_totals()[0] - rows0
-    return {**res, "server_images": rows,
-            "server_cpu_ms_per_image": (server.cpu_seconds() - cpu0) / rows * 1e3 if rows else None}
+    out = {**res, "server_images": rows,
+           "server_cpu_ms_per_image": (server.cpu_seconds() - cpu0) / rows * 1e3 if rows else None}
+    if "client_cpu_s" in res and rows:
+        out["client_cpu_ms_per_image"] = res["client_cpu_s"] / rows * 1e3
+    codes = {k: v - codes0.get(k, 0) for k, v in grpc_codes(server).items() if v > codes0.get(k, 0)}
+    if res.get("tool") == "h2load-grpc":
+        out["grpc_codes"] = codes
+        failed = sum(v for k, v in codes.items() if k not in ("OK", "CANCELLED"))
+        out["errors"] = res["errors"] + failed + max(0, codes.get("CANCELLED", 0) - res["clients"])
+    return out
 
 
 def main() -> int:
@@ -76,12 +106,15 @@ def main() -> int:
                 generators = {
                     "rest-multipart-wrk": partial(wrk, server.url, image, clients, args.duration, multipart=True),
                     "rest-multipart-httpx": partial(http_load, server, clients, args.duration),
+                    "grpc-h2load": partial(grpc_h2load, server, model, image, clients, args.duration),
                     "grpc-aio": partial(grpc_load, server, model, clients, args.duration)}
                 for name, generate in generators.items():
                     res = with_server_cost(server, generate)
                     rows.append({"model": kind, "clients": clients, "generator": name, **res})
                     print(f"{kind:6} c={clients:<3} {name:22} {res['images_per_s']:8.1f}/s p50 {res['p50_ms']:.2f} ms "
-                          f"server {res['server_cpu_ms_per_image']:.3f} ms CPU/image errors {res.get('errors', 0)}",
+                          f"server {res['server_cpu_ms_per_image']:.3f} ms CPU/image errors {res.get('errors', 0)}"
+                          + (f" client {res['client_cpu_ms_per_image']:.3f} ms CPU/image"
+                             if "client_cpu_ms_per_image" in res else ""),
                           flush=True)
         finally:
             server.stop()

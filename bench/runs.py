@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -72,13 +73,17 @@ class Server(ServerProcess):
 
 
 def wrk(url: str, image: Path, clients: int, seconds: float, multipart: bool = False) -> dict[str, Any]:
-    """wrk posting one JPEG (raw, or as a multipart upload) from `clients` connections for `seconds`."""
+    """wrk posting one JPEG (raw, or as a multipart upload) from `clients` connections for `seconds`, with
+    wrk's own CPU time (`client_cpu_s`)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         ["wrk", "-t", str(min(clients, 2)), "-c", str(clients), "-d", f"{int(seconds)}s", "--timeout", "120s",
          "-s", str(REPO / "bench" / "wrk_post.lua"), url + "/predict"],
         env={**os.environ, "BENCH_IMAGE": str(image), "BENCH_MULTIPART": "1" if multipart else "0"},
         capture_output=True, text=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     res: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    res["client_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     ok = res["requests"] - res["non2xx"]
     res.update(clients=clients, ok=ok, body="multipart" if multipart else "raw",
                errors=res["non2xx"] + res["socket_errors"], images_per_s=ok / res["duration_s"])

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from tests.support import (
+    CLOTHING,
     REPO,
     LiveServer,
     Trained,
@@ -237,3 +238,21 @@ def test_a_taken_grpc_port_stops_the_server_with_the_reason(trained: Trained, tm
             assert server.stop() == 0
     (refused,) = tmp_path.glob("server-*-port-taken-1.log")  # the first attempt's log
     assert "Failed to bind" in refused.read_text() and str(port) in refused.read_text()
+
+
+def test_the_h2load_grpc_generator_makes_real_model_infer_calls(server: LiveServer) -> None:
+    """bench.grpc_load's compiled generator (h2load sending a framed ModelInferRequest) makes calls the
+    server answers OK; and h2load sees HTTP 200 for a call gRPC refused, which is why the benchmark counts
+    errors by the server's gRPC status codes."""
+    from bench.grpc_load import h2load_grpc
+
+    image = sorted((CLOTHING / "validation").rglob("*.jpg"))[0]
+    counted = lambda code: metric_sum(server.metrics(), "imgserve_grpc_requests_total",  # noqa: E731
+                                      method="ModelInfer", code=code)
+    ok0, refused0 = counted("OK"), counted("UNAUTHENTICATED")
+    res = h2load_grpc(server.grpc_target, "clothing", image.read_bytes(), 2, 2, 1, (f"authorization: Bearer {KEY}",))
+    assert res["http_ok"] > 0 and res["statuses"] == {"200": res["http_ok"]}
+    assert counted("OK") - ok0 >= res["http_ok"]  # warm-up calls are counted too
+    assert counted("UNAUTHENTICATED") == refused0
+    res = h2load_grpc(server.grpc_target, "clothing", image.read_bytes(), 1, 1, 0)  # no key
+    assert res["http_ok"] > 0 and counted("UNAUTHENTICATED") - refused0 >= res["http_ok"]
