@@ -84,29 +84,45 @@ def h2load_grpc(target: str, model: str, image: bytes, clients: int, duration_s:
 
 
 async def run(target: str, model: str, images: list[bytes], clients: int, duration_s: float,
-              warmup_s: float, channels: int) -> dict[str, object]:
-    resp_cls = protos.methods(protos.KSERVE)["ModelInfer"][1]
+              warmup_s: float, channels: int, stream: bool = False) -> dict[str, object]:
+    """With `stream`, each client opens one ModelStreamInfer stream and sends its next request on it once
+    the previous answer has come (Triton's streaming clients), instead of a ModelInfer call per image."""
+    infer_resp = protos.methods(protos.KSERVE)["ModelInfer"][1]
+    stream_resp = protos.methods(protos.KSERVE)["ModelStreamInfer"][1]
     bodies = [infer_request(model, image) for image in images]
     done: list[tuple[float, float]] = []
     codes: dict[str, int] = {}
     begin = time.perf_counter()
     window_start, stop_at = begin + warmup_s, begin + warmup_s + duration_s
     pool = [grpc.aio.insecure_channel(target) for _ in range(max(1, min(channels, clients)))]
-    calls = [ch.unary_unary(f"/{protos.KSERVE}/ModelInfer") for ch in pool]  # bytes in, bytes out
+    # bytes in, bytes out
+    calls = [ch.unary_unary(f"/{protos.KSERVE}/ModelInfer") for ch in pool]
+    streams = [ch.stream_stream(f"/{protos.KSERVE}/ModelStreamInfer") for ch in pool]
     cpu0 = 0.0
 
     async def worker(i: int) -> None:
         nonlocal cpu0
-        call, n = calls[i % len(calls)], i
+        n = i
+        open_stream = streams[i % len(pool)](timeout=warmup_s + duration_s + 120) if stream else None
         while time.perf_counter() < stop_at:
             body = bodies[n % len(bodies)]
             n += clients
             t = time.perf_counter()
             try:
-                raw = await call(body, timeout=120)
-                code = "OK"
+                if open_stream is None:
+                    answer = infer_resp.FromString(await calls[i % len(pool)](body, timeout=120))
+                    code = "OK"
+                else:
+                    await open_stream.write(body)
+                    raw = await open_stream.read()
+                    if raw is grpc.aio.EOF:
+                        raise RuntimeError("the server ended the stream")
+                    message = stream_resp.FromString(raw)
+                    answer, code = message.infer_response, "STREAM_ERROR" if message.error_message else "OK"
             except grpc.aio.AioRpcError as exc:
-                raw, code = b"", exc.code().name
+                answer, code = None, exc.code().name
+                if open_stream is not None:
+                    open_stream = streams[i % len(pool)](timeout=warmup_s + duration_s + 120)
             now = time.perf_counter()
             if now < window_start:
                 continue
@@ -114,8 +130,10 @@ async def run(target: str, model: str, images: list[bytes], clients: int, durati
                 cpu0 = cpu_s()
             codes[code] = codes.get(code, 0) + 1
             if code == "OK":
-                assert resp_cls.FromString(raw).outputs, "an answer without outputs"
+                assert answer is not None and answer.outputs, "an answer without outputs"
                 done.append((now, now - t))
+        if open_stream is not None:
+            await open_stream.done_writing()
 
     try:
         await asyncio.gather(*(worker(i) for i in range(clients)))
@@ -127,7 +145,8 @@ async def run(target: str, model: str, images: list[bytes], clients: int, durati
     ok = len(done)
     answered, span = steady_rate([d[0] for d in done], window_start, stop_at)
     return {
-        "tool": "python-grpc-aio", "clients": clients, "channels": len(pool), "warmup_s": warmup_s,
+        "tool": "python-grpc-aio-stream" if stream else "python-grpc-aio", "clients": clients,
+        "channels": len(pool), "warmup_s": warmup_s,
         "duration_s": span, "ok": ok, "codes": codes, "errors": sum(v for k, v in codes.items() if k != "OK"),
         "images_per_s": answered / span if span else 0.0,
         "p50_ms": float(np.percentile(lat, 50)) if ok else None,
@@ -147,13 +166,14 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=20.0)
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--limit-images", type=int, default=64)
+    p.add_argument("--stream", action="store_true", help="one ModelStreamInfer stream a client")
     args = p.parse_args()
     files = sorted(args.images.rglob("*.jpg"))[: args.limit_images]
     if not files:
         print(f"no .jpg under {args.images}", file=sys.stderr)
         return 2
     result = asyncio.run(run(args.target, args.model, [f.read_bytes() for f in files], args.clients,
-                             args.duration, args.warmup, args.channels))
+                             args.duration, args.warmup, args.channels, args.stream))
     print(json.dumps(result))
     return 0
 

@@ -33,10 +33,11 @@ STORE = REPO / "bench" / ".store"
 IMAGES = SHARED / "datasets" / "clothing-small" / "validation"
 
 
-def grpc_load(server: Server, model: str, clients: int, duration: float) -> dict[str, Any]:
+def grpc_load(server: Server, model: str, clients: int, duration: float, stream: bool = False) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "bench.grpc_load", "--target", server.grpc_target, "--model", model,
                           "--images", str(IMAGES), "--clients", str(clients), "--duration", str(duration),
-                          "--warmup", str(WARMUP_S), "--limit-images", "1"], cwd=REPO, env=service_env(),
+                          "--warmup", str(WARMUP_S), "--limit-images", "1", *(["--stream"] if stream else [])],
+                         cwd=REPO, env=service_env(),
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -107,7 +108,8 @@ def main() -> int:
                     "rest-multipart-wrk": partial(wrk, server.url, image, clients, args.duration, multipart=True),
                     "rest-multipart-httpx": partial(http_load, server, clients, args.duration),
                     "grpc-h2load": partial(grpc_h2load, server, model, image, clients, args.duration),
-                    "grpc-aio": partial(grpc_load, server, model, clients, args.duration)}
+                    "grpc-aio": partial(grpc_load, server, model, clients, args.duration),
+                    "grpc-aio-stream": partial(grpc_load, server, model, clients, args.duration, stream=True)}
                 for name, generate in generators.items():
                     res = with_server_cost(server, generate)
                     rows.append({"model": kind, "clients": clients, "generator": name, **res})
