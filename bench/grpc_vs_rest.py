@@ -54,14 +54,23 @@ def grpc_h2load(server: Server, model: str, image: Path, clients: int, duration:
     return h2load_grpc(server.grpc_target, model, image.read_bytes(), clients, duration, WARMUP_S)
 
 
-def grpc_codes(server: Server) -> dict[str, float]:
-    """The server's count of ModelInfer answers so far, by gRPC status code."""
-    codes: dict[str, float] = {}
+def counts(server: Server) -> dict[str, dict[str, float]]:
+    """The server's count of ModelInfer answers so far by gRPC status code, and of batches by why they ran."""
+    out: dict[str, dict[str, float]] = {"codes": {}, "batches": {}}
     for family in text_string_to_metric_families(server.metrics()):
         for sample in family.samples:
             if sample.name == "imgserve_grpc_requests_total" and sample.labels["method"] == "ModelInfer":
-                codes[sample.labels["code"]] = codes.get(sample.labels["code"], 0) + sample.value
-    return codes
+                key, into = sample.labels["code"], out["codes"]
+            elif sample.name == "imgserve_batches_total":
+                key, into = sample.labels["reason"], out["batches"]
+            else:
+                continue
+            into[key] = into.get(key, 0) + sample.value
+    return out
+
+
+def delta(now: dict[str, float], then: dict[str, float]) -> dict[str, float]:
+    return {k: v - then.get(k, 0) for k, v in now.items() if v > then.get(k, 0)}
 
 
 def with_server_cost(server: Server, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -69,15 +78,18 @@ def with_server_cost(server: Server, generate: Callable[[], dict[str, Any]]) -> 
     included, on both sides): what the protocol's code path costs the server, whatever the generator costs.
     With the generator's own CPU time per image where it reports it (warm-up included too), and the
     server's gRPC status codes (h2load cannot see them): a call that was not OK is an error, but for the
-    calls h2load cancels at its end."""
-    rows0, cpu0, codes0 = server.batch_totals()[0], server.cpu_seconds(), grpc_codes(server)
+    calls h2load cancels at its end. And the batches the server ran, by why they ran (`inline`: on the
+    event loop, as a lone request does)."""
+    rows0, cpu0, counts0 = server.batch_totals()[0], server.cpu_seconds(), counts(server)
     res = generate()
     rows = server.batch_totals()[0] - rows0
     out = {**res, "server_images": rows,
            "server_cpu_ms_per_image": (server.cpu_seconds() - cpu0) / rows * 1e3 if rows else None}
     if "client_cpu_s" in res and rows:
         out["client_cpu_ms_per_image"] = res["client_cpu_s"] / rows * 1e3
-    codes = {k: v - codes0.get(k, 0) for k, v in grpc_codes(server).items() if v > codes0.get(k, 0)}
+    counts1 = counts(server)
+    out["batches_by_reason"] = delta(counts1["batches"], counts0["batches"])
+    codes = delta(counts1["codes"], counts0["codes"])
     if res.get("tool") == "h2load-grpc":
         out["grpc_codes"] = codes
         failed = sum(v for k, v in codes.items() if k not in ("OK", "CANCELLED"))
@@ -116,7 +128,7 @@ def main() -> int:
                     print(f"{kind:6} c={clients:<3} {name:22} {res['images_per_s']:8.1f}/s p50 {res['p50_ms']:.2f} ms "
                           f"server {res['server_cpu_ms_per_image']:.3f} ms CPU/image errors {res.get('errors', 0)}"
                           + (f" client {res['client_cpu_ms_per_image']:.3f} ms CPU/image"
-                             if "client_cpu_ms_per_image" in res else ""),
+                             if "client_cpu_ms_per_image" in res else "") + f" batches {res['batches_by_reason']}",
                           flush=True)
         finally:
             server.stop()
