@@ -61,7 +61,8 @@ def h2load_grpc(target: str, model: str, image: bytes, clients: int, duration_s:
         body.write_bytes(b"\0" + len(message).to_bytes(4, "big") + message)  # gRPC framing: uncompressed, length
         cmd = ["h2load", "-c", str(clients), "-m", "1", "-t", "1", "-D", f"{int(duration_s)}s",
                "--warm-up-time", f"{int(warmup_s)}s", "-d", str(body), "-H", "content-type: application/grpc",
-               "-H", "te: trailers", *(arg for h in metadata for arg in ("-H", h)), "--log-file", str(log), f"http://{target}/{protos.KSERVE}/ModelInfer"]
+               "-H", "te: trailers", *(arg for h in metadata for arg in ("-H", h)), "--log-file", str(log),
+               f"http://{target}/{protos.KSERVE}/ModelInfer"]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run(cmd, capture_output=True, text=True)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -95,8 +96,7 @@ async def run(target: str, model: str, images: list[bytes], clients: int, durati
     begin = time.perf_counter()
     window_start, stop_at = begin + warmup_s, begin + warmup_s + duration_s
     pool = [grpc.aio.insecure_channel(target) for _ in range(max(1, min(channels, clients)))]
-    # bytes in, bytes out
-    calls = [ch.unary_unary(f"/{protos.KSERVE}/ModelInfer") for ch in pool]
+    calls = [ch.unary_unary(f"/{protos.KSERVE}/ModelInfer") for ch in pool]  # bytes in, bytes out
     streams = [ch.stream_stream(f"/{protos.KSERVE}/ModelStreamInfer") for ch in pool]
     cpu0 = 0.0
 
