@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -100,10 +101,13 @@ async def run(target: str, model: str, images: list[bytes], clients: int, durati
     streams = [ch.stream_stream(f"/{protos.KSERVE}/ModelStreamInfer") for ch in pool]
     cpu0 = 0.0
 
+    def new_stream(i: int) -> Any:
+        return streams[i % len(pool)](timeout=warmup_s + duration_s + 120)
+
     async def worker(i: int) -> None:
         nonlocal cpu0
         n = i
-        open_stream = streams[i % len(pool)](timeout=warmup_s + duration_s + 120) if stream else None
+        open_stream = new_stream(i) if stream else None
         while time.perf_counter() < stop_at:
             body = bodies[n % len(bodies)]
             n += clients
@@ -122,7 +126,7 @@ async def run(target: str, model: str, images: list[bytes], clients: int, durati
             except grpc.aio.AioRpcError as exc:
                 answer, code = None, exc.code().name
                 if open_stream is not None:
-                    open_stream = streams[i % len(pool)](timeout=warmup_s + duration_s + 120)
+                    open_stream = new_stream(i)
             now = time.perf_counter()
             if now < window_start:
                 continue
