@@ -8,6 +8,14 @@ apart from what each generator costs the shared machine; and the compiled genera
 answer. Writes the table and raw results.
 
     python -m bench.grpc_vs_rest [--models cnn,vgg16] [--clients 1,8,32] [--duration 20]
+    python -m bench.grpc_vs_rest --store /tmp/peers-store-tiny --models tiny-64
+    python -m bench.grpc_vs_rest --models cnn --generators rest-multipart-wrk,grpc-h2load \
+        --variant now --variant grpc183=PYTHONPATH=/tmp/grpc183
+
+Each `--variant NAME[=KEY=VALUE,...]` is a server of its own with those environment variables (another
+grpcio on PYTHONPATH, a setting), and `code=DIR` runs that checkout of this project instead (a worktree of
+an earlier commit); at each client count every variant is measured in turn, so that they share the
+machine's state.
 """
 
 from __future__ import annotations
@@ -97,42 +105,73 @@ def with_server_cost(server: Server, generate: Callable[[], dict[str, Any]]) -> 
     return out
 
 
+GENERATORS = ("rest-multipart-wrk", "rest-multipart-httpx", "grpc-h2load", "grpc-aio", "grpc-aio-stream")
+
+
+def _variant(spec: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = spec.partition("=")
+    env = dict(item.split("=", 1) for item in rest.split(",") if item)
+    return name, env
+
+
+def _line(row: dict[str, Any]) -> str:
+    client = row.get("client_cpu_ms_per_image")
+    return (f"{row['model']:6} {row['variant']:10} r{row['round']} c={row['clients']:<3} {row['generator']:22} "
+            f"{row['images_per_s']:8.1f}/s p50 {row['p50_ms']:.2f} ms server {row['server_cpu_ms_per_image']:.3f} ms "
+            f"CPU/image errors {row.get('errors', 0)}" + (f" client {client:.3f} ms CPU/image" if client else "")
+            + f" batches {row['batches_by_reason']}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", default="cnn,vgg16")
+    p.add_argument("--models", default="cnn,vgg16", help="benchmark models (built on first use), or with --store "
+                   "the names of models in that store")
+    p.add_argument("--store", type=Path, help="a model store of your own (the peers' tiny CNN: "
+                   "/tmp/peers-store-tiny, made by ../shared/peers' to_project_store)")
     p.add_argument("--clients", default="1,8,32")
     p.add_argument("--vgg16-clients", default="32")
     p.add_argument("--duration", type=float, default=20.0)
+    p.add_argument("--rounds", type=int, default=1, help="every client count, this many times over")
+    p.add_argument("--generators", default=",".join(GENERATORS), help=f"some of {','.join(GENERATORS)}")
+    p.add_argument("--variant", action="append", default=[], help="NAME[=KEY=VALUE,...]: a server with that "
+                   "environment (default: one, `this`)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / f"grpc-{time.strftime('%Y%m%d-%H%M')}")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    chosen = args.generators.split(",")
+    if unknown := set(chosen) - set(GENERATORS):
+        p.error(f"unknown generators: {', '.join(sorted(unknown))}")
+    variants = dict(_variant(v) for v in args.variant or ["this"])
+    recorded = {name: dict(env) for name, env in variants.items()}
     image = sorted(IMAGES.rglob("*.jpg"))[0]
     rows = []
     for kind in args.models.split(","):
-        version = ensure_model(STORE, kind)
-        model = version.parent.name
-        server = Server(STORE, model, args.out / f"server-{kind}.log")
+        store, model = (args.store, kind) if args.store else (STORE, ensure_model(STORE, kind).parent.name)
+        servers: dict[str, Server] = {}
         try:
+            for name, env in variants.items():
+                code = Path(env.pop("code", REPO)).resolve()
+                servers[name] = Server(store, model, args.out / f"server-{kind}-{name}.log", code, **env)
             levels = args.vgg16_clients if kind == "vgg16" else args.clients
-            for clients in map(int, levels.split(",")):
-                wrk(server.url, image, clients, WARMUP_S, multipart=True)
-                generators = {
-                    "rest-multipart-wrk": partial(wrk, server.url, image, clients, args.duration, multipart=True),
-                    "rest-multipart-httpx": partial(http_load, server, clients, args.duration),
-                    "grpc-h2load": partial(grpc_h2load, server, model, image, clients, args.duration),
-                    "grpc-aio": partial(grpc_load, server, model, clients, args.duration),
-                    "grpc-aio-stream": partial(grpc_load, server, model, clients, args.duration, stream=True)}
-                for name, generate in generators.items():
-                    res = with_server_cost(server, generate)
-                    rows.append({"model": kind, "clients": clients, "generator": name, **res})
-                    print(f"{kind:6} c={clients:<3} {name:22} {res['images_per_s']:8.1f}/s p50 {res['p50_ms']:.2f} ms "
-                          f"server {res['server_cpu_ms_per_image']:.3f} ms CPU/image errors {res.get('errors', 0)}"
-                          + (f" client {res['client_cpu_ms_per_image']:.3f} ms CPU/image"
-                             if "client_cpu_ms_per_image" in res else "") + f" batches {res['batches_by_reason']}",
-                          flush=True)
+            for rnd, clients in ((r, c) for r in range(args.rounds) for c in map(int, levels.split(","))):
+                for variant, server in servers.items():
+                    wrk(server.url, image, clients, WARMUP_S, multipart=True)
+                    generators = {
+                        "rest-multipart-wrk": partial(wrk, server.url, image, clients, args.duration, multipart=True),
+                        "rest-multipart-httpx": partial(http_load, server, clients, args.duration),
+                        "grpc-h2load": partial(grpc_h2load, server, model, image, clients, args.duration),
+                        "grpc-aio": partial(grpc_load, server, model, clients, args.duration),
+                        "grpc-aio-stream": partial(grpc_load, server, model, clients, args.duration, stream=True)}
+                    for name in chosen:
+                        res = with_server_cost(server, generators[name])
+                        row = {"model": kind, "variant": variant, "round": rnd + 1, "clients": clients,
+                               "generator": name, **res}
+                        rows.append(row)
+                        print(_line(row), flush=True)
         finally:
-            server.stop()
-    doc = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "rows": rows,
+            for server in servers.values():
+                server.stop()
+    doc = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "variants": recorded, "rows": rows,
            "command": " ".join(["python -m bench.grpc_vs_rest", *sys.argv[1:]])}
     (args.out / "results.json").write_text(json.dumps(doc, indent=1))
     print(f"wrote {args.out / 'results.json'}")
