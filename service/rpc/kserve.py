@@ -175,10 +175,14 @@ async def model_stream_infer(requests: AsyncIterator[Any], rpc: Rpc) -> AsyncIte
     order they finish (each carries its request's id); a request that fails gets `error_message` and the
     stream goes on."""
     out: asyncio.Queue[Any] = asyncio.Queue()
+    metrics = rpc.serving.metrics
     window = asyncio.Semaphore(STREAM_WINDOW)
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(req: Any) -> None:
+        # each request of a stream is a request in progress, as a unary call is: the in-flight gauge counts
+        # it, and a lone row runs inline only while nothing else is being worked on (pipeline.run_rows)
+        metrics.request_began()
         try:
             if isinstance(req, BadRequest):
                 raise req
@@ -187,6 +191,8 @@ async def model_stream_infer(requests: AsyncIterator[Any], rpc: Rpc) -> AsyncIte
             resp = _m("ModelStreamInferResponse")(error_message=exc.message, infer_response=_m("ModelInferResponse")(
                 id=getattr(req, "id", ""), model_name=getattr(req, "model_name", "")))
         finally:
+            metrics.request_ended()
+            metrics.process_requests.inc()
             window.release()
         await out.put(resp)
 

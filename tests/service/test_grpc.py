@@ -29,6 +29,7 @@ from tests.support import (
     REPO,
     FakeClassifier,
     app_client,
+    eventually,
     eventually_async,
     grpc_infer,
     jpeg,
@@ -263,6 +264,49 @@ async def test_stream_infer_answers_each_request_and_goes_on_after_a_bad_one(rpc
     assert set(got) == {"a", "b", "c"}
     assert got["b"].error_message and not got["a"].error_message and not got["c"].error_message
     assert probabilities(got["a"].infer_response).argmax() == 2 and probabilities(got["c"].infer_response).argmax() == 0
+
+
+async def test_each_request_of_a_stream_is_a_request_in_progress(tmp_path: Path) -> None:
+    """While a stream's requests wait for the model they count as requests in progress, as unary calls do:
+    in the in-flight gauge, and for the inline rule (a lone row runs on the event loop only while nothing
+    else is being worked on; uncounted, every request of every stream ran inline, one at a time)."""
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    gate = threading.Event()
+    gate.set()  # the warm-up runs freely
+
+    class Held(FakeClassifier):
+        def predict(self, images: np.ndarray) -> np.ndarray:
+            gate.wait(30)
+            return super().predict(images)
+
+    port = free_port()
+    async with app_client(tmp_path, loader=lambda p, meta: Held(meta), grpc_port=port, max_batch_delay_ms=2,
+                          inline_run_max_ms=0) as http:
+        state = http.app.state  # type: ignore[attr-defined]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = channel.stream_stream(f"/{KS}/ModelStreamInfer", request_serializer=lambda x: x.SerializeToString(),
+                                           response_deserializer=protos.message("inference.ModelStreamInferResponse")
+                                           .FromString)
+            gate.clear()
+            reqs = [infer_request([jpeg(red)], id=str(red)) for red in (10, 120, 250)]
+            answers = asyncio.ensure_future(_collect(stream(iter(reqs), timeout=30)))
+            served = state.registry.resolve("fake", None)
+            try:
+                await eventually(lambda: served.batcher.depth + served.batcher.running_rows == 3, what="3 rows queued")
+                in_progress = state.metrics.requests_in_progress
+                gauge = metric_sum((await http.get("/metrics")).text, "imgserve_inflight_requests")
+            finally:
+                gate.set()
+            got = await answers
+    assert in_progress == 3
+    assert gauge == 3
+    assert sorted(r.infer_response.id for r in got) == ["10", "120", "250"]
+    assert all(not r.error_message for r in got)
+    assert state.metrics.requests_in_progress == 0
+
+
+async def _collect(call: Any) -> list[Any]:
+    return [r async for r in call]
 
 
 def tensor(dtype: int, shape: list[int], **fields: Any) -> Any:
