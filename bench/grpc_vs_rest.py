@@ -142,7 +142,6 @@ def main() -> int:
     if unknown := set(chosen) - set(GENERATORS):
         p.error(f"unknown generators: {', '.join(sorted(unknown))}")
     variants = dict(_variant(v) for v in args.variant or ["this"])
-    recorded = {name: dict(env) for name, env in variants.items()}
     image = sorted(IMAGES.rglob("*.jpg"))[0]
     rows = []
     for kind in args.models.split(","):
@@ -150,8 +149,9 @@ def main() -> int:
         servers: dict[str, Server] = {}
         try:
             for name, env in variants.items():
-                code = Path(env.pop("code", REPO)).resolve()
-                servers[name] = Server(store, model, args.out / f"server-{kind}-{name}.log", code, **env)
+                settings = {k: v for k, v in env.items() if k != "code"}
+                servers[name] = Server(store, model, args.out / f"server-{kind}-{name}.log",
+                                       Path(env.get("code", REPO)).resolve(), **settings)
             levels = args.vgg16_clients if kind == "vgg16" else args.clients
             for rnd, clients in ((r, c) for r in range(args.rounds) for c in map(int, levels.split(","))):
                 for variant, server in servers.items():
@@ -171,7 +171,7 @@ def main() -> int:
         finally:
             for server in servers.values():
                 server.stop()
-    doc = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "variants": recorded, "rows": rows,
+    doc = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "variants": variants, "rows": rows,
            "command": " ".join(["python -m bench.grpc_vs_rest", *sys.argv[1:]])}
     (args.out / "results.json").write_text(json.dumps(doc, indent=1))
     print(f"wrote {args.out / 'results.json'}")

@@ -255,10 +255,14 @@ async def test_api_keys_come_in_metadata(rpc: Grpc) -> None:
     assert code == OK and (await rpc.call(KS, "ModelReady", m("inference.ModelReadyRequest", name="fake")))[1].ready
 
 
+def stream_infer(channel: grpc.aio.Channel) -> Any:
+    """ModelStreamInfer on `channel`: call it with an iterable of requests for a stream of responses."""
+    return channel.stream_stream(f"/{KS}/ModelStreamInfer", request_serializer=lambda x: x.SerializeToString(),
+                                 response_deserializer=protos.message("inference.ModelStreamInferResponse").FromString)
+
+
 async def test_stream_infer_answers_each_request_and_goes_on_after_a_bad_one(rpc: Grpc) -> None:
-    stream = rpc.channel.stream_stream(f"/{KS}/ModelStreamInfer", request_serializer=lambda x: x.SerializeToString(),
-                                       response_deserializer=protos.message("inference.ModelStreamInferResponse")
-                                       .FromString)
+    stream = stream_infer(rpc.channel)
     reqs = [infer_request([jpeg(250)], id="a"), infer_request([b"junk"], id="b"), infer_request([jpeg(10)], id="c")]
     got = {r.infer_response.id: r async for r in stream(iter(reqs), timeout=30)}
     assert set(got) == {"a", "b", "c"}
@@ -284,9 +288,7 @@ async def test_each_request_of_a_stream_is_a_request_in_progress(tmp_path: Path)
                           inline_run_max_ms=0) as http:
         state = http.app.state  # type: ignore[attr-defined]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stream = channel.stream_stream(f"/{KS}/ModelStreamInfer", request_serializer=lambda x: x.SerializeToString(),
-                                           response_deserializer=protos.message("inference.ModelStreamInferResponse")
-                                           .FromString)
+            stream = stream_infer(channel)
             gate.clear()
             reqs = [infer_request([jpeg(red)], id=str(red)) for red in (10, 120, 250)]
             answers = asyncio.ensure_future(_collect(stream(iter(reqs), timeout=30)))
