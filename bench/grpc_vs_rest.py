@@ -84,15 +84,20 @@ def delta(now: dict[str, float], then: dict[str, float]) -> dict[str, float]:
 def with_server_cost(server: Server, generate: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """A generator's result with the server's CPU time per image it answered, over the whole run (warm-up
     included, on both sides): what the protocol's code path costs the server, whatever the generator costs.
+    Also its event loop's thread alone (`server_loop_cpu_ms_per_image`): one process under a closed loop
+    is bound by that thread, while grpcio's poller and the model run beside it.
     With the generator's own CPU time per image where it reports it (warm-up included too), and the
     server's gRPC status codes (h2load cannot see them): a call that was not OK is an error, but for the
     calls h2load cancels at its end. And the batches the server ran, by why they ran (`inline`: on the
     event loop, as a lone request does)."""
     rows0, cpu0, counts0 = server.batch_totals()[0], server.cpu_seconds(), counts(server)
+    loop0 = server.cpu_seconds(main_thread_only=True)
     res = generate()
     rows = server.batch_totals()[0] - rows0
     out = {**res, "server_images": rows,
-           "server_cpu_ms_per_image": (server.cpu_seconds() - cpu0) / rows * 1e3 if rows else None}
+           "server_cpu_ms_per_image": (server.cpu_seconds() - cpu0) / rows * 1e3 if rows else None,
+           "server_loop_cpu_ms_per_image":
+               (server.cpu_seconds(main_thread_only=True) - loop0) / rows * 1e3 if rows else None}
     if "client_cpu_s" in res and rows:
         out["client_cpu_ms_per_image"] = res["client_cpu_s"] / rows * 1e3
     counts1 = counts(server)
@@ -117,8 +122,10 @@ def _variant(spec: str) -> tuple[str, dict[str, str]]:
 def _line(row: dict[str, Any]) -> str:
     client = row.get("client_cpu_ms_per_image")
     return (f"{row['model']:6} {row['variant']:10} r{row['round']} c={row['clients']:<3} {row['generator']:22} "
-            f"{row['images_per_s']:8.1f}/s p50 {row['p50_ms']:.2f} ms server {row['server_cpu_ms_per_image']:.3f} ms "
-            f"CPU/image errors {row.get('errors', 0)}" + (f" client {client:.3f} ms CPU/image" if client else "")
+            f"{row['images_per_s']:8.1f}/s p50 {row['p50_ms']:.2f} ms "
+            f"server {row['server_cpu_ms_per_image']:.3f} ms CPU/image "
+            f"(loop {row['server_loop_cpu_ms_per_image']:.3f}) "
+            f"errors {row.get('errors', 0)}" + (f" client {client:.3f} ms CPU/image" if client else "")
             + f" batches {row['batches_by_reason']}")
 
 

@@ -66,10 +66,12 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of one process and its threads so far, from /proc/<pid>/stat."""
+def cpu_seconds(pid: int, main_thread_only: bool = False) -> float:
+    """User plus system CPU time of one process and its threads so far, from /proc/<pid>/stat; with
+    `main_thread_only`, of its main thread alone (the service's event loop), from /proc/<pid>/task/<pid>/stat."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        stat = f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat"
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -159,8 +161,8 @@ class ServerProcess:
         """The processes that serve requests: the workers under a supervisor, else the one process."""
         return self.pids()[1:] or [self.proc.pid]
 
-    def cpu_seconds(self) -> float:
-        return sum(cpu_seconds(p) for p in self.pids())
+    def cpu_seconds(self, main_thread_only: bool = False) -> float:
+        return sum(cpu_seconds(p, main_thread_only) for p in self.pids())
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Send `sig` (SIGTERM: drain) and wait; a server that outlives `timeout` is killed."""
