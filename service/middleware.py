@@ -5,8 +5,6 @@ body size and time limits."""
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,17 +15,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, RequestTimeout
 from service.metrics import Metrics
+from service.pipeline import request_id as request_id_of
 
 EXEMPT_PREFIXES = ("/health", "/metrics", "/v2/health")
 UNTIMED = frozenset({"/metrics"})
-_ID_PREFIX = os.urandom(6).hex()  # request IDs: 32 hex digits, random per process, then a counter (no syscall)
-_ID_COUNTER = itertools.count()
-
-
-def _new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):020x}"
-
-
 _ROUTES_SEEN: dict[tuple[str, str], str] = {}  # (method, path) -> route, for requests refused before routing
 
 
@@ -84,7 +75,7 @@ class ServiceMiddleware:
         start = time.perf_counter()
         status = 500
         raw_id = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
-        request_id = raw_id.decode("latin-1")[:128] if raw_id else _new_request_id()
+        request_id = request_id_of(raw_id.decode("latin-1"))
         scope.setdefault("state", {})["request_id"] = request_id
         id_header = (b"x-request-id", request_id.encode("latin-1"))
 

@@ -13,6 +13,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import itertools
+import os
 import random
 import time
 from collections import defaultdict
@@ -44,6 +46,15 @@ if TYPE_CHECKING:
 
 TIMEOUT_HEADER = "x-request-timeout-ms"  # the deadline over HTTP and in gRPC metadata (gRPC's own deadline first)
 ROUTE_KEY_HEADER = "x-route-key"
+REQUEST_ID_MAX = 128  # characters of a caller's own X-Request-ID kept
+_ID_PREFIX = os.urandom(6).hex()  # request IDs: 32 hex digits, random per process, then a counter (no syscall)
+_ID_COUNTER = itertools.count()
+
+
+def request_id(given: str | None) -> str:
+    """The request's ID: the caller's X-Request-ID (HTTP header or gRPC metadata), cut to REQUEST_ID_MAX
+    characters, else a new one. Every protocol answers with it, logs it, and the recent images keep it."""
+    return given[:REQUEST_ID_MAX] if given else f"{_ID_PREFIX}{next(_ID_COUNTER):020x}"
 _SHADOW_TASKS: set[asyncio.Task[None]] = set()
 
 

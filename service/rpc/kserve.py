@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -173,20 +174,22 @@ async def model_infer(req: Any, rpc: Rpc) -> Any:
 async def model_stream_infer(requests: AsyncIterator[Any], rpc: Rpc) -> AsyncIterator[Any]:
     """Each request of the stream as ModelInfer, up to STREAM_WINDOW at once; a response per request, in the
     order they finish (each carries its request's id); a request that fails gets `error_message` and the
-    stream goes on."""
+    stream goes on. The stream's n-th request is `<the stream's x-request-id>/<n>` (from 1) in the request
+    log and for feedback."""
     out: asyncio.Queue[Any] = asyncio.Queue()
     metrics = rpc.serving.metrics
     window = asyncio.Semaphore(STREAM_WINDOW)
     tasks: set[asyncio.Task[None]] = set()
 
-    async def one(req: Any) -> None:
+    async def one(req: Any, n: int) -> None:
         # each request of a stream is a request in progress, as a unary call is: the in-flight gauge counts
         # it, and a lone row runs inline only while nothing else is being worked on (pipeline.run_rows)
         metrics.request_began()
         try:
             if isinstance(req, BadRequest):
                 raise req
-            resp = _m("ModelStreamInferResponse")(infer_response=await model_infer(req, rpc))
+            own = replace(rpc, request_id=f"{rpc.trailers['x-request-id']}/{n}")  # the same trailers
+            resp = _m("ModelStreamInferResponse")(infer_response=await model_infer(req, own))
         except ServiceError as exc:
             resp = _m("ModelStreamInferResponse")(error_message=exc.message, infer_response=_m("ModelInferResponse")(
                 id=getattr(req, "id", ""), model_name=getattr(req, "model_name", "")))
@@ -197,9 +200,11 @@ async def model_stream_infer(requests: AsyncIterator[Any], rpc: Rpc) -> AsyncIte
         await out.put(resp)
 
     async def read() -> None:
+        n = 0
         async for req in requests:
             await window.acquire()
-            task = asyncio.get_running_loop().create_task(one(req))
+            n += 1
+            task = asyncio.get_running_loop().create_task(one(req, n))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         while tasks:

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +23,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.auth import key_matches
 from service.errors import BadRequest, DeadlineExpired, NotReady, ServiceError, Unauthorized
-from service.pipeline import ROUTE_KEY_HEADER, TIMEOUT_HEADER, Call, Outcome, Serving, deadline_for, not_ready
+from service.pipeline import (
+    ROUTE_KEY_HEADER,
+    TIMEOUT_HEADER,
+    Call,
+    Outcome,
+    Serving,
+    deadline_for,
+    not_ready,
+    request_id,
+)
 from service.registry import Registry
 from service.rpc import protos
 from service.settings import Settings
@@ -48,6 +56,7 @@ class Rpc:
     context: grpc.aio.ServicerContext[Any, Any]
     metadata: dict[str, str]
     trailers: dict[str, str] = field(default_factory=dict)
+    request_id: str = ""  # a stream's message: its own ID (model_stream_infer); else the call's x-request-id
 
     def call(self) -> Call:
         """The pipeline's view: the earlier of the caller's gRPC deadline (capped at the longest allowed) and
@@ -61,7 +70,7 @@ class Rpc:
             deadline = min(deadline if TIMEOUT_HEADER in self.metadata else math.inf,
                            time.monotonic() + min(remaining, settings.max_request_timeout_ms / 1000))
         return Call(self.serving, deadline, "grpc", self.metadata.get(ROUTE_KEY_HEADER),
-                    request_id=self.metadata.get("x-request-id"))
+                    request_id=self.request_id or self.trailers["x-request-id"])
 
     def registry(self) -> Registry:
         registry: Registry | None = getattr(self.serving, "registry", None)
@@ -120,7 +129,7 @@ class RpcServer:
     def _rpc(self, context: grpc.aio.ServicerContext[Any, Any]) -> Rpc:
         metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         rpc = Rpc(self.serving, context, metadata)
-        rpc.trailers["x-request-id"] = metadata.get("x-request-id") or uuid.uuid4().hex
+        rpc.trailers["x-request-id"] = request_id(metadata.get("x-request-id"))
         return rpc
 
     async def _fail(self, context: grpc.aio.ServicerContext[Any, Any], rpc: Rpc, exc: ServiceError) -> None:

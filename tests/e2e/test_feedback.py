@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import LiveServer, Trained, clothing_images, metric_sum, start_server
+from tests.support import LiveServer, Trained, clothing_images, grpc_infer, metric_sum, start_server
 from train.pipeline import TrainConfig, run
 
 pytestmark = pytest.mark.slow
@@ -86,6 +86,26 @@ def test_feedback_by_request_id_stores_the_image_that_request_sent(server: LiveS
         if fb.status_code == 201:
             line = json.loads((feedback_dir(server) / trained.name / "feedback.jsonl").read_text().splitlines()[-1])
             assert line["predicted"] == predicted and line["model_version"] == trained.version
+
+
+def test_a_grpc_calls_own_request_id_names_it_for_feedback_and_in_the_request_log(server: LiveServer,
+                                                                                    trained: Trained) -> None:
+    """A ModelInfer call that sends no x-request-id gets one in its trailers (as REST gets X-Request-ID); that id
+    is the one the recent-images buffer and the request log keep, so feedback can name it."""
+    photos = clothing_images(20)[16:]
+    seen = set()
+    for photo in photos:  # several: both processes answer some
+        _, trailers = grpc_infer(server.grpc_target, trained.name, [photo.read_bytes()], authorization=f"Bearer {KEY}")
+        request_id = trailers["x-request-id"]
+        assert len(request_id) == 32 and request_id not in seen
+        seen.add(request_id)
+        fb = httpx.post(server.url + "/v1/feedback", headers=FB_AUTH, timeout=30,
+                        json={"request_id": request_id, "label": photo.parent.name})
+        assert fb.status_code in (200, 201), fb.text
+        assert (feedback_dir(server) / fb.json()["stored"]).read_bytes() == photo.read_bytes()
+    logs = sorted((server.log.parent / "logs").glob("requests*.log"))
+    lines = {d["request_id"]: d for p in logs for d in map(json.loads, p.read_text().splitlines())}
+    assert all(lines[i]["protocol"] == "grpc" and lines[i]["model"] == trained.name for i in seen)
 
 
 @pytest.mark.parametrize(("case", "status", "message"), [

@@ -5,6 +5,7 @@ this server offers, their answers against the REST ones, and every status code o
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import subprocess
 import sys
@@ -305,6 +306,35 @@ async def test_each_request_of_a_stream_is_a_request_in_progress(tmp_path: Path)
     assert sorted(r.infer_response.id for r in got) == ["10", "120", "250"]
     assert all(not r.error_message for r in got)
     assert state.metrics.requests_in_progress == 0
+
+
+async def test_request_ids_of_calls_and_of_each_stream_request(tmp_path: Path) -> None:
+    """A call's x-request-id is the caller's (cut to 128 characters, as over HTTP) or a new one, and the request
+    log records the answer under it, so feedback can name it; a stream's n-th request is `<stream id>/<n>`."""
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    log = tmp_path / "requests.log"
+    port = free_port()
+    async with app_client(tmp_path, grpc_port=port, max_batch_delay_ms=2, request_log=str(log)):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            rpc = Grpc(None, channel, None)  # type: ignore[arg-type]
+            ids = []
+            for given in ({}, {}, {"x-request-id": "caller-" + "x" * 200}):
+                code, _, trailers = await rpc.call(KS, "ModelInfer", infer_request([jpeg(120)]), **given)
+                assert code == OK
+                ids.append(trailers["x-request-id"])
+            stream = stream_infer(channel)(iter([infer_request([jpeg(r)], id=str(r)) for r in (10, 120, 250)]),
+                                           timeout=30, metadata=(("x-request-id", "s-1"),))
+            assert len([r async for r in stream if not r.error_message]) == 3
+
+            def logged() -> dict[str, Any]:
+                lines = log.read_text().splitlines() if log.exists() else []
+                return {d["request_id"]: d for d in map(json.loads, lines)}
+
+            seen = await eventually(lambda: len(logged()) == 6 and logged(), what="six lines in the request log")
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids[:2]) and ids[0] != ids[1]
+    assert ids[2] == ("caller-" + "x" * 200)[:128]
+    assert set(seen) == {*ids, "s-1/1", "s-1/2", "s-1/3"}
+    assert {d["protocol"] for d in seen.values()} == {"grpc"}
 
 
 async def _collect(call: Any) -> list[Any]:
