@@ -55,6 +55,8 @@ def request_id(given: str | None) -> str:
     """The request's ID: the caller's X-Request-ID (HTTP header or gRPC metadata), cut to REQUEST_ID_MAX
     characters, else a new one. Every protocol answers with it, logs it, and the recent images keep it."""
     return given[:REQUEST_ID_MAX] if given else f"{_ID_PREFIX}{next(_ID_COUNTER):020x}"
+
+
 _SHADOW_TASKS: set[asyncio.Task[None]] = set()
 
 
