@@ -58,8 +58,7 @@ class ServiceMiddleware:
         self.max_body_bytes = max_body_bytes
         self.draining = draining
         self.metrics = metrics
-        self.inflight_limit = inflight_limit
-        self.inflight = 0
+        self.inflight_limit = inflight_limit  # requests of every protocol (gRPC calls too) in this process
         # the answer over the limit, made once: refusing must stay cheap when it is most of the traffic
         self._busy_body, self._busy_headers = _json_parts(
             f"the server is at capacity ({inflight_limit} requests in progress in this process); retry after 1s",
@@ -89,7 +88,7 @@ class ServiceMiddleware:
         admitted = False
         try:
             if scope["method"] == "POST":  # the work: predictions, loads
-                if self.inflight >= self.inflight_limit and not self.draining():
+                if self.metrics.requests_in_progress >= self.inflight_limit and not self.draining():
                     self.on_reject("busy")
                     status = 429
                     await send({"type": "http.response.start", "status": 429,
@@ -97,12 +96,10 @@ class ServiceMiddleware:
                     await send({"type": "http.response.body", "body": self._busy_body})
                     return
                 admitted = True
-                self.inflight += 1
                 self.metrics.request_began()
             await self._guarded(scope, receive, send_with_id)
         finally:
             if admitted:
-                self.inflight -= 1
                 self.metrics.request_ended()
             handler = _route_of(scope)
             if handler not in UNTIMED:

@@ -109,8 +109,8 @@ class Settings(BaseSettings):
         1, description="server processes behind the one port (auto: one per usable CPU core); see Processes"
     )
     max_inflight_requests: int = Field(
-        0, ge=0, description="requests a process works on at once before 429 (0: twice max_queue_rows); "
-        "refused before the body is read"
+        0, ge=0, description="requests a process works on at once, HTTP and gRPC together, before 429 or "
+        "RESOURCE_EXHAUSTED (0: twice max_queue_rows); refused before the body is read"
     )
     host: str = Field("127.0.0.1", description="address uvicorn listens on (0.0.0.0 in containers)")
     port: int = Field(8000, ge=1, le=65535, description="TCP port")

@@ -188,6 +188,7 @@ async def model_stream_infer(requests: AsyncIterator[Any], rpc: Rpc) -> AsyncIte
         try:
             if isinstance(req, BadRequest):
                 raise req
+            rpc.admit()
             own = replace(rpc, request_id=f"{rpc.trailers['x-request-id']}/{n}")  # the same trailers
             resp = _m("ModelStreamInferResponse")(infer_response=await model_infer(req, own))
         except ServiceError as exc:

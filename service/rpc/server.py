@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service.auth import key_matches
-from service.errors import BadRequest, DeadlineExpired, NotReady, ServiceError, Unauthorized
+from service.errors import BadRequest, DeadlineExpired, NotReady, Overloaded, ServiceError, Unauthorized
 from service.pipeline import (
     ROUTE_KEY_HEADER,
     TIMEOUT_HEADER,
@@ -77,6 +77,15 @@ class Rpc:
         if registry is None:
             raise NotReady("the service is starting")
         return registry
+
+    def admit(self) -> None:
+        """Refuse the call (RESOURCE_EXHAUSTED) when, counting itself, the process works on more requests of any
+        protocol than IMGSERVE_MAX_INFLIGHT_REQUESTS, as HTTP refuses a POST with 429; not while draining."""
+        metrics, limit = self.serving.metrics, self.serving.settings.inflight_limit
+        if metrics.requests_in_progress > limit and not getattr(self.serving, "draining", False):
+            metrics.rejections.labels("busy").inc()
+            raise Overloaded(f"the server is at capacity ({limit} requests in progress in this process); "
+                             "retry after 1s")
 
     def answered_by(self, outcome: Outcome) -> None:
         self.trailers.update({k.lower(): v for k, v in outcome.headers().items()})
@@ -148,6 +157,8 @@ class RpcServer:
             try:
                 try:
                     self._check(context, rpc.metadata, scope)
+                    if scope is not None:
+                        rpc.admit()
                     try:
                         request = req_cls.FromString(raw)
                     except DecodeError as exc:

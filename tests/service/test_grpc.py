@@ -308,6 +308,48 @@ async def test_each_request_of_a_stream_is_a_request_in_progress(tmp_path: Path)
     assert state.metrics.requests_in_progress == 0
 
 
+async def test_the_inflight_limit_counts_every_protocol_and_refuses_grpc_calls_over_it(tmp_path: Path) -> None:
+    """IMGSERVE_MAX_INFLIGHT_REQUESTS bounds the requests a process works on, whatever their protocol: with two
+    gRPC calls held at the model, a third call is RESOURCE_EXHAUSTED, a stream's request gets the same message,
+    and an HTTP POST is 429; calls that only read (ServerLive) are not limited; the held calls then answer."""
+    write_fake_version(tmp_path, "fake", 1, LABELS)
+    gate = threading.Event()
+    gate.set()  # the warm-up runs freely
+
+    class Held(FakeClassifier):
+        def predict(self, images: np.ndarray) -> np.ndarray:
+            gate.wait(30)
+            return super().predict(images)
+
+    port = free_port()
+    async with app_client(tmp_path, loader=lambda p, meta: Held(meta), grpc_port=port, max_batch_delay_ms=2,
+                          inline_run_max_ms=0, max_inflight_requests=2) as http:
+        state = http.app.state  # type: ignore[attr-defined]
+        served = state.registry.resolve("fake", None)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            rpc = Grpc(http, channel, state)
+            gate.clear()
+            try:
+                held = [asyncio.ensure_future(rpc.call(KS, "ModelInfer", infer_request([jpeg(v)]))) for v in (10, 250)]
+                await eventually(lambda: served.batcher.depth + served.batcher.running_rows == 2, what="2 rows held")
+                code, details, _ = await rpc.call(KS, "ModelInfer", infer_request([jpeg(120)]))
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at capacity (2 requests" in details
+                streamed = [r async for r in stream_infer(channel)(iter([infer_request([jpeg(5)], id="s")]),
+                                                                    timeout=30)]
+                assert [r.infer_response.id for r in streamed] == ["s"] and "at capacity" in streamed[0].error_message
+                refused = await http.post("/predict", content=jpeg(30), headers={"Content-Type": "image/jpeg"})
+                assert refused.status_code == 429 and refused.json()["code"] == "queue_full"
+                assert (await rpc.call(KS, "ServerLive", m("inference.ServerLiveRequest")))[1].live
+            finally:
+                gate.set()
+            answers = await asyncio.gather(*held)
+        assert [a[0] for a in answers] == [OK, OK]
+        text = (await http.get("/metrics")).text
+    assert metric_sum(text, "imgserve_rejections_total", reason="busy") == 3
+    assert metric_sum(text, "imgserve_grpc_requests_total", method="ModelInfer", code="RESOURCE_EXHAUSTED") == 1
+    assert metric_sum(text, "imgserve_inflight_requests") == 0
+
+
 async def test_request_ids_of_calls_and_of_each_stream_request(tmp_path: Path) -> None:
     """A call's x-request-id is the caller's (cut to 128 characters, as over HTTP) or a new one, and the request
     log records the answer under it, so feedback can name it; a stream's n-th request is `<stream id>/<n>`."""
