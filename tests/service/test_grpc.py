@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -373,7 +374,7 @@ async def test_request_ids_of_calls_and_of_each_stream_request(tmp_path: Path) -
                 return {d["request_id"]: d for d in map(json.loads, lines)}
 
             seen = await eventually(lambda: len(logged()) == 6 and logged(), what="six lines in the request log")
-    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids[:2]) and ids[0] != ids[1]
+    assert all(re.fullmatch("[0-9a-f]{32}", i) for i in ids[:2]) and ids[0] != ids[1]
     assert ids[2] == ("caller-" + "x" * 200)[:128]
     assert set(seen) == {*ids, "s-1/1", "s-1/2", "s-1/3"}
     assert {d["protocol"] for d in seen.values()} == {"grpc"}
