@@ -56,8 +56,8 @@ class Metrics:
                                     registry=r, multiprocess_mode="livesum")
         self.inflight_rows = Gauge("imgserve_inflight_rows", "Rows queued or running", mv, registry=r,
                                    multiprocess_mode="livesum")
-        self.inflight_requests = Gauge("imgserve_inflight_requests", "Requests being worked on (HTTP POST and "
-                                       "gRPC calls)", registry=r, multiprocess_mode="livesum")
+        self.inflight_requests = Gauge("imgserve_inflight_requests", "Requests being worked on (HTTP POSTs; "
+                                       "gRPC inference and repository calls)", registry=r, multiprocess_mode="livesum")
         self.requests_in_progress = 0  # the gauge's value in this process, for the pipeline (`request_began`)
         self.dropped_rows = Counter("imgserve_dropped_rows_total", "Rows dropped before inference",
                                     [*mv, "reason"], registry=r)
@@ -134,7 +134,8 @@ class Metrics:
                                  multiprocess_mode="liveall")
 
     def request_began(self) -> None:
-        """A request of any protocol is being worked on (HTTP POST, gRPC call): `request_ended` when answered."""
+        """A request of any protocol is being worked on (HTTP POST, gRPC inference or repository call; not reads
+        such as metadata): `request_ended` when answered."""
         self.requests_in_progress += 1
         self.inflight_requests.inc()
 

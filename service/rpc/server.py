@@ -153,11 +153,13 @@ class RpcServer:
         async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             t0, code = time.perf_counter(), grpc.StatusCode.OK
             rpc = self._rpc(context)
-            self.metrics.request_began()
+            work = scope is not None  # inference and repository calls, as HTTP POSTs; reads (metadata) are not
+            if work:
+                self.metrics.request_began()
             try:
                 try:
                     self._check(context, rpc.metadata, scope)
-                    if scope is not None:
+                    if work:
                         rpc.admit()
                     try:
                         request = req_cls.FromString(raw)
@@ -179,7 +181,8 @@ class RpcServer:
                     logger.exception("gRPC %s/%s failed", service, method)
                 raise
             finally:
-                self.metrics.request_ended()
+                if work:
+                    self.metrics.request_ended()
                 self.metrics.grpc_requests.labels(short, method, code.name).inc()
                 self.metrics.grpc_latency.labels(method).observe(time.perf_counter() - t0)
                 self.metrics.process_requests.inc()
