@@ -180,14 +180,16 @@ def _plan_features(sizes: Sizes, s: float, cfg: TrainConfig, cached: bool, room:
     return copies, train, validation
 
 
-def plan_run(sizes: Sizes, s: float, cfg: TrainConfig, cached: bool, previous: bool = False) -> Plan:
+def plan_run(sizes: Sizes, s: float, cfg: TrainConfig, cached: bool, previous: bool = False,
+             spent_s: float = 0.0) -> Plan:
     """The plan for `sizes` at `s` seconds an image through the backbone (module docstring); with no
-    budget, everything as asked."""
+    budget, everything as asked. `spent_s`: seconds of the budget already gone (start-up, finding the
+    data, building the model)."""
     copies, train, validation = (cfg.augment_copies if cached else 0), sizes.train, sizes.validation
     test, variant, calibration = sizes.test, sizes.test, cfg.calibration_images
     notes: list[str] = []
     if cfg.time_budget_min > 0:
-        room = max(0.0, cfg.time_budget_min * 60 - fixed_s(sizes.params))
+        room = max(0.0, cfg.time_budget_min * 60 - spent_s - fixed_s(sizes.params))
         test, variant, calibration = _plan_after(sizes, s, cfg, previous, AFTER_SHARE * room)
         copies, train, validation = _plan_features(sizes, s, cfg, cached, FEATURES_SHARE * room)
         why = f"more than {FEATURES_SHARE:.0%} of the budget would go to the features"

@@ -97,7 +97,8 @@ def build_parts(cfg: TrainConfig, num_classes: int) -> Parts:
     return Parts(normalise, base, head, input_shape, cfg.fine_tune_from or BACKBONES[cfg.backbone].unfreeze_from)
 
 
-def make_plan(cfg: TrainConfig, ds: dataset.Dataset, parts: Parts, cached: bool, previous: bool) -> Plan:
+def make_plan(cfg: TrainConfig, ds: dataset.Dataset, parts: Parts, cached: bool, previous: bool,
+              budget: Budget) -> Plan:
     """Measure the backbone on a few validation images, then plan the run to fit the budget (train/budget.py);
     logs the plan, and what it cut, before any stage starts."""
     few = dataset.subset(ds.validation, 8, cfg.seed)
@@ -106,7 +107,7 @@ def make_plan(cfg: TrainConfig, ds: dataset.Dataset, parts: Parts, cached: bool,
     s = measure_s_per_image(keras.Model(images, parts.base(parts.normalise(images))), x) if len(x) else 0.0
     sizes = Sizes(len(ds.train), len(ds.validation), len(ds.test), len(ds.classes),
                   parts.base.count_params() + parts.head.count_params())
-    plan = plan_run(sizes, s, cfg, cached, previous)
+    plan = plan_run(sizes, s, cfg, cached, previous, spent_s=time.perf_counter() - budget.start)
     logger.info("plan: %.0f ms an image through the backbone; %d training images x %d (originals and augmented "
                 "copies), %d validation, %d test (variants: %d); forecast features %.0f s, evaluation %.0f s, "
                 "variants %.0f s", 1000 * s, plan.train_images, 1 + plan.copies, plan.validation_images,
@@ -131,18 +132,21 @@ def compare(cfg: TrainConfig, name: str, data: Data, ev: Evaluation) -> dict[str
                                  ev.metrics["accuracy"])
 
 
-def run(cfg: TrainConfig) -> TrainResult:
+def run(cfg: TrainConfig, started: float | None = None) -> TrainResult:
     """Train, evaluate and publish; returns where the new version lives. A store in object storage
     (`--store s3://bucket/prefix`) is staged locally (service/remote.py: its versions' metadata and the
-    newest version, for the comparison), the version is made there, then uploaded, model.json last."""
+    newest version, for the comparison), the version is made there, then uploaded, model.json last.
+    `started`: when the run began on the `time.perf_counter` clock, for the time budget (the command line
+    passes its own start, so that importing TensorFlow counts); by default, now."""
+    started = time.perf_counter() if started is None else started
     location = str(cfg.store)
     if not remote.is_url(location):
-        result = _run(cfg)
+        result = _run(cfg, started)
         return dataclasses.replace(result, published=str(result.version_dir))
     name = cfg.name or default_name(cfg.data)
     options = remote.env_options()
     with remote.staged(location, name, **options) as local:
-        result = _run(dataclasses.replace(cfg, store=local, name=name))
+        result = _run(dataclasses.replace(cfg, store=local, name=name), started)
         t = time.perf_counter()
         version = remote.publish_version(result.version_dir, location, name, **options)
         result.timings_s["upload"] = time.perf_counter() - t
@@ -160,31 +164,31 @@ class Prepared:
     plan: Plan
 
 
-def prepare(cfg: TrainConfig, name: str, cached: bool) -> Prepared:
+def prepare(cfg: TrainConfig, name: str, cached: bool, budget: Budget) -> Prepared:
     """Find the splits, build the model, plan, then sample and load the data as the plan says."""
     full, extra = find_splits(cfg)
     parts = build_parts(cfg, len(full.classes))
-    plan = make_plan(cfg, full, parts, cached, previous_version(cfg.store, name) is not None)
+    plan = make_plan(cfg, full, parts, cached, previous_version(cfg.store, name) is not None, budget)
     ds = sample(full, plan.train_images, plan.validation_images, plan.test_images, cfg.seed, extra)
     effective = dataclasses.replace(cfg, augment_copies=plan.copies, calibration_images=plan.calibration_images)
     return Prepared(effective, load_data(effective, ds, full, extra, decode=not cached), parts, plan)
 
 
-def _run(cfg: TrainConfig) -> TrainResult:
+def _run(cfg: TrainConfig, started: float) -> TrainResult:
     if cfg.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {cfg.backbone!r}; choose from {', '.join(BACKBONES)}")
     keras.utils.set_random_seed(cfg.seed)
     name = cfg.name or default_name(cfg.data)
     if not store.is_model_name(name):
         raise ValueError(f"invalid model name {name!r}: use lower-case letters, digits, '.', '_' and '-'")
-    budget = Budget(cfg.time_budget_min, time.perf_counter())
+    budget = Budget(cfg.time_budget_min, started)
     try:
         precision = set_precision(cfg)
         strategy, cached = choose_strategy(cfg)
         logger.info("training %s (%s, weights %s) on %s, %s; %s", name, cfg.backbone, cfg.weights,
                     device_description(), precision, budget.describe())
         timings: dict[str, float] = {}
-        prepared = prepare(cfg, name, cached)
+        prepared = prepare(cfg, name, cached, budget)
         timings["load"] = time.perf_counter() - budget.start
         budget.reserve_s = prepared.plan.after_s  # kept from the phases for what follows them
         fitted = fit(strategy, prepared, budget, timings)

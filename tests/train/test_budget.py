@@ -156,3 +156,34 @@ def test_a_run_far_over_its_budget_is_planned_down_and_does_what_it_planned(tmp_
     md = (result.version_dir / "report" / "report.md").read_text()
     assert "Planned up front to fit the budget: augmented copies 1 -> 0" in md and "training images" in md
     assert "(budget 0.25;" in md
+
+
+def test_time_already_spent_comes_out_of_the_plan() -> None:
+    """The plan counts from when the run began: what start-up took (importing TensorFlow, finding the data,
+    building the model) is no longer there for the features."""
+    c = cfg()
+    fresh = plan_run(SMALL, VGG16_BF16_S, c, cached=True, previous=True)
+    late = plan_run(SMALL, VGG16_BF16_S, c, cached=True, previous=True, spent_s=c.time_budget_min * 60 - 60)
+    assert fresh.notes == [] and late.notes  # the README run fits when started now, not with a minute left
+    assert late.train_images < fresh.train_images and late.copies <= fresh.copies
+
+
+@pytest.mark.slow
+def test_a_run_counts_its_budget_from_when_it_began(tmp_path: Path, clothing: Path) -> None:
+    """`run(started=...)` (the command line passes its own start, before TensorFlow is imported): a run whose
+    minute was spent before it got here stops its epochs by the budget; the same run started now does not."""
+    import time
+
+    from train.pipeline import run
+
+    def one(name: str, started: float | None) -> dict[str, object]:
+        result = run(TrainConfig(data=clothing, store=tmp_path, name=name, backbone="cnn", weights="none",
+                                 image_size=32, max_per_class=3, head_epochs=40, patience=40, fine_tune_epochs=0,
+                                 batch_size=8, workers=2, variants=False, time_budget_min=1), started=started)
+        info: dict[str, object] = json.loads((result.version_dir / "report" / "metrics.json").read_text())["run"]
+        return info
+
+    now, late = one("now", None), one("late", time.perf_counter() - 120)
+    # the plain CNN trains from scratch in one phase, "train"
+    assert now["stopped_by_budget"] == [] and now["epochs"] == {"train": 40}
+    assert late["stopped_by_budget"] == ["train"] and 0 < late["epochs"]["train"] < 40  # type: ignore[index]
