@@ -5,6 +5,7 @@ this server offers, their answers against the REST ones, and every status code o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import struct
@@ -272,13 +273,13 @@ async def test_stream_infer_answers_each_request_and_goes_on_after_a_bad_one(rpc
     assert probabilities(got["a"].infer_response).argmax() == 2 and probabilities(got["c"].infer_response).argmax() == 0
 
 
-async def test_each_request_of_a_stream_is_a_request_in_progress(tmp_path: Path) -> None:
-    """While a stream's requests wait for the model they count as requests in progress, as unary calls do:
-    in the in-flight gauge, and for the inline rule (a lone row runs on the event loop only while nothing
-    else is being worked on; uncounted, every request of every stream ran inline, one at a time)."""
+@contextlib.asynccontextmanager
+async def held_model(tmp_path: Path, **settings: Any) -> AsyncIterator[tuple[Any, grpc.aio.Channel, threading.Event]]:
+    """A server (HTTP client, gRPC channel) whose model waits at each call while `gate` is clear, so that
+    requests can be held in progress; the gate is open for the warm-up. Nothing runs inline."""
     write_fake_version(tmp_path, "fake", 1, LABELS)
     gate = threading.Event()
-    gate.set()  # the warm-up runs freely
+    gate.set()
 
     class Held(FakeClassifier):
         def predict(self, images: np.ndarray) -> np.ndarray:
@@ -287,21 +288,29 @@ async def test_each_request_of_a_stream_is_a_request_in_progress(tmp_path: Path)
 
     port = free_port()
     async with app_client(tmp_path, loader=lambda p, meta: Held(meta), grpc_port=port, max_batch_delay_ms=2,
-                          inline_run_max_ms=0) as http:
-        state = http.app.state  # type: ignore[attr-defined]
+                          inline_run_max_ms=0, **settings) as http:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stream = stream_infer(channel)
-            gate.clear()
-            reqs = [infer_request([jpeg(red)], id=str(red)) for red in (10, 120, 250)]
-            answers = asyncio.ensure_future(_collect(stream(iter(reqs), timeout=30)))
-            served = state.registry.resolve("fake", None)
-            try:
-                await eventually(lambda: served.batcher.depth + served.batcher.running_rows == 3, what="3 rows queued")
-                in_progress = state.metrics.requests_in_progress
-                gauge = metric_sum((await http.get("/metrics")).text, "imgserve_inflight_requests")
-            finally:
-                gate.set()
-            got = await answers
+            yield http, channel, gate
+
+
+async def test_each_request_of_a_stream_is_a_request_in_progress(tmp_path: Path) -> None:
+    """While a stream's requests wait for the model they count as requests in progress, as unary calls do:
+    in the in-flight gauge, and for the inline rule (a lone row runs on the event loop only while nothing
+    else is being worked on; uncounted, every request of every stream ran inline, one at a time)."""
+    async with held_model(tmp_path) as (http, channel, gate):
+        state = http.app.state  # type: ignore[attr-defined]
+        stream = stream_infer(channel)
+        gate.clear()
+        reqs = [infer_request([jpeg(red)], id=str(red)) for red in (10, 120, 250)]
+        answers = asyncio.ensure_future(_collect(stream(iter(reqs), timeout=30)))
+        served = state.registry.resolve("fake", None)
+        try:
+            await eventually(lambda: served.batcher.depth + served.batcher.running_rows == 3, what="3 rows queued")
+            in_progress = state.metrics.requests_in_progress
+            gauge = metric_sum((await http.get("/metrics")).text, "imgserve_inflight_requests")
+        finally:
+            gate.set()
+        got = await answers
     assert in_progress == 3
     assert gauge == 3
     assert sorted(r.infer_response.id for r in got) == ["10", "120", "250"]
@@ -313,37 +322,25 @@ async def test_the_inflight_limit_counts_every_protocol_and_refuses_grpc_calls_o
     """IMGSERVE_MAX_INFLIGHT_REQUESTS bounds the requests a process works on, whatever their protocol: with two
     gRPC calls held at the model, a third call is RESOURCE_EXHAUSTED, a stream's request gets the same message,
     and an HTTP POST is 429; calls that only read (ServerLive) are not limited; the held calls then answer."""
-    write_fake_version(tmp_path, "fake", 1, LABELS)
-    gate = threading.Event()
-    gate.set()  # the warm-up runs freely
-
-    class Held(FakeClassifier):
-        def predict(self, images: np.ndarray) -> np.ndarray:
-            gate.wait(30)
-            return super().predict(images)
-
-    port = free_port()
-    async with app_client(tmp_path, loader=lambda p, meta: Held(meta), grpc_port=port, max_batch_delay_ms=2,
-                          inline_run_max_ms=0, max_inflight_requests=2) as http:
+    async with held_model(tmp_path, max_inflight_requests=2) as (http, channel, gate):
         state = http.app.state  # type: ignore[attr-defined]
         served = state.registry.resolve("fake", None)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            rpc = Grpc(http, channel, state)
-            gate.clear()
-            try:
-                held = [asyncio.ensure_future(rpc.call(KS, "ModelInfer", infer_request([jpeg(v)]))) for v in (10, 250)]
-                await eventually(lambda: served.batcher.depth + served.batcher.running_rows == 2, what="2 rows held")
-                code, details, _ = await rpc.call(KS, "ModelInfer", infer_request([jpeg(120)]))
-                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at capacity (2 requests" in details
-                streamed = [r async for r in stream_infer(channel)(iter([infer_request([jpeg(5)], id="s")]),
-                                                                    timeout=30)]
-                assert [r.infer_response.id for r in streamed] == ["s"] and "at capacity" in streamed[0].error_message
-                refused = await http.post("/predict", content=jpeg(30), headers={"Content-Type": "image/jpeg"})
-                assert refused.status_code == 429 and refused.json()["code"] == "queue_full"
-                assert (await rpc.call(KS, "ServerLive", m("inference.ServerLiveRequest")))[1].live
-            finally:
-                gate.set()
-            answers = await asyncio.gather(*held)
+        rpc = Grpc(http, channel, state)
+        gate.clear()
+        try:
+            held = [asyncio.ensure_future(rpc.call(KS, "ModelInfer", infer_request([jpeg(v)]))) for v in (10, 250)]
+            await eventually(lambda: served.batcher.depth + served.batcher.running_rows == 2, what="2 rows held")
+            code, details, _ = await rpc.call(KS, "ModelInfer", infer_request([jpeg(120)]))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at capacity (2 requests" in details
+            streamed = [r async for r in stream_infer(channel)(iter([infer_request([jpeg(5)], id="s")]),
+                                                                timeout=30)]
+            assert [r.infer_response.id for r in streamed] == ["s"] and "at capacity" in streamed[0].error_message
+            refused = await http.post("/predict", content=jpeg(30), headers={"Content-Type": "image/jpeg"})
+            assert refused.status_code == 429 and refused.json()["code"] == "queue_full"
+            assert (await rpc.call(KS, "ServerLive", m("inference.ServerLiveRequest")))[1].live
+        finally:
+            gate.set()
+        answers = await asyncio.gather(*held)
         assert [a[0] for a in answers] == [OK, OK]
         text = (await http.get("/metrics")).text
     assert metric_sum(text, "imgserve_rejections_total", reason="busy") == 3
